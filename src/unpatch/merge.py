@@ -1,0 +1,219 @@
+"""Merged model folders: `apply --out` and `revert`, streamed one tensor at a time.
+
+A merged folder is the base checkpoint with patches added, plus `unpatch_ledger.json`: the base
+(id, revision, hashes of every touched tensor) and the patches with their scales. Revert reads
+the touched tensors back from the base, checks them against the ledger, and re-applies the
+patches that stay: the result is bit-identical to applying just those to the base. Where the
+base cannot be read back it subtracts instead and reports the largest round-trip deviation.
+Peak memory is about two tensors (the one being written and one update), as in mergekit's lazy mode.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .apply import check_fingerprint, check_shapes
+from .atomic import atomic_dir, check_out_path
+from .errors import UnpatchError
+from .fingerprint import combine, tensor_sha256
+from .model import checkpoint_folder, model_revision, resolve_dtype, resolve_model
+from .patch import PICKLED, Patch, load_patch
+from .safetensors_io import SafetensorsFile, write_streaming
+
+LEDGER = "unpatch_ledger.json"
+INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """The safetensors shards of a model folder, read tensor by tensor."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / INDEX).exists():
+            names = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+            files = [folder / n for n in names]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLED]
+            what = f"only pickled weights ({pickled[0]}), which are refused; convert them to safetensors" if pickled else "no *.safetensors weights"
+            raise UnpatchError(f"{folder}: {what}")
+        self.files = [SafetensorsFile(f) for f in files]
+        self.where = {name: f for f in self.files for name in f.keys()}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: f.shape(n) for n, f in self.where.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.where[name].read(name)
+
+
+def hash_as(t: torch.Tensor, dtype_name: str) -> str:
+    """Hash a checkpoint tensor in the dtype the patch's base was loaded in (an exact upcast)."""
+    dtype = resolve_dtype(dtype_name)
+    return tensor_sha256(t if t.dtype == dtype else t.to(dtype))
+
+
+def check_against(patch: Patch, ckpt: Checkpoint, label: str, force: bool = False) -> tuple[dict, bool]:
+    """Shapes and fingerprint of `patch` against a checkpoint; returns (updates, forced)."""
+    updates = check_shapes(patch, ckpt.shapes, label)
+    forced = check_fingerprint(patch, {n: hash_as(ckpt.read(n), patch.manifest.base.dtype) for n in updates}, label, force)
+    return updates, forced
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.suffix not in PICKLED and f.name not in (LEDGER, INDEX):
+            shutil.copy2(f, dst / f.name)
+    if (src / INDEX).exists():
+        shutil.copy2(src / INDEX, dst / INDEX)
+
+
+def _write(ckpt: Checkpoint, out: Path, produce) -> None:
+    """Write every shard of `ckpt` to `out`, each tensor as `produce(name)` returns it."""
+    for f in ckpt.files:
+        specs = {n: (f.dtype(n), f.shape(n)) for n in f.keys()}
+        write_streaming(out / f.path.name, specs, ((n, produce(n)) for n in specs), metadata=f.metadata or {"format": "pt"})
+
+
+def _entry(patch: Patch, scale: float, forced: bool, touched) -> dict:
+    return {"name": patch.name, "path": str(patch.path.resolve()) if patch.path else None, "patch_id": patch.patch_id,
+            "kind": patch.kind, "scale": scale, "coefficient": patch.manifest.coefficient, "forced": forced,
+            "tensors": sorted(touched)}
+
+
+def apply_to_folder(model: str, patches: list[tuple[Patch, float]], out: str | Path, force: bool = False,
+                    overwrite: bool = False, revision: str | None = None) -> dict:
+    """Write base + sum of scaled patches as a model folder loadable by from_pretrained."""
+    out = Path(out)
+    check_out_path(out, overwrite)
+    ref = resolve_model(model, revision)
+    folder = checkpoint_folder(ref)
+    ckpt = Checkpoint(folder)
+    previous = json.loads((folder / LEDGER).read_text()) if (folder / LEDGER).exists() else None
+    base_hashes: dict[str, str] = {}
+    plan = []
+    for patch, scale in patches:
+        updates, forced = check_against(patch, ckpt, f"model {ref.id}", force)
+        base_hashes.update({n: tensor_sha256(ckpt.read(n)) for n in updates if n not in base_hashes})
+        plan.append((patch, scale, forced, updates))
+    by_tensor: dict[str, list] = {}
+    for _patch, scale, _, updates in plan:
+        for n, u in updates.items():
+            by_tensor.setdefault(n, []).append((u, scale))
+
+    def produce(name: str) -> torch.Tensor:
+        t = ckpt.read(name)
+        for u, scale in by_tensor.get(name, ()):
+            u.add_to(t, scale)
+        return t
+
+    if previous:  # applying on top of a merged folder extends its ledger
+        base = previous["base"]
+        base["tensors"] = {**base_hashes, **base["tensors"]}
+        applied = previous["applied"]
+    else:
+        base = {"id": ref.id, "revision": model_revision(ref), "tensors": base_hashes}
+        applied = []
+    base["fingerprint"] = combine(base["tensors"])
+    ledger = {"format": "unpatch-ledger", "format_version": 1, "base": base,
+              "applied": applied + [_entry(p, s, f, u) for p, s, f, u in plan]}
+    with atomic_dir(out, overwrite) as tmp:
+        _copy_side_files(folder, tmp)
+        _write(ckpt, tmp, produce)
+        (tmp / LEDGER).write_text(json.dumps(ledger, indent=2))
+    return ledger
+
+
+def read_ledger(folder: Path) -> dict:
+    file = Path(folder) / LEDGER
+    if not file.exists():
+        raise UnpatchError(f"{folder}: no {LEDGER}, so not a merged folder written by `unpatch apply --out`; nothing to revert")
+    return json.loads(file.read_text())
+
+
+def _load_entry_patch(entry: dict) -> Patch:
+    if not entry.get("path"):
+        raise UnpatchError(f"patch {entry['name']!r}: the ledger has no path to it, so it cannot be re-applied")
+    patch = load_patch(entry["path"])
+    if patch.patch_id != entry["patch_id"]:
+        raise UnpatchError(f"{entry['path']}: changed since it was applied (patch id differs from the ledger); restore that patch first")
+    return patch
+
+
+def _readable_base(ledger: dict, touched: set[str]) -> tuple[Checkpoint | None, str]:
+    """The base checkpoint if it can be read back and matches the ledger, else (None, why)."""
+    base = ledger["base"]
+    try:
+        ckpt = Checkpoint(checkpoint_folder(resolve_model(base["id"], base.get("revision"))))
+    except UnpatchError as e:
+        return None, str(e)
+    for n in sorted(touched):
+        if n not in ckpt.where or tensor_sha256(ckpt.read(n)) != base["tensors"].get(n):
+            return None, f"base {base['id']} no longer matches the ledger at tensor {n!r}"
+    return ckpt, ""
+
+
+def revert_folder(merged: str | Path, patch: str | None = None, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Take one patch (by name or path) or all patches off a merged folder. Returns a report:
+    mode (exact | arithmetic), verified (restored tensors hash to the base), max_deviation."""
+    merged = Path(merged)
+    ledger = read_ledger(merged)
+    entries = ledger["applied"]
+    gone = [e for e in entries if patch is None or patch in (e["name"], e["path"], Path(e["path"] or "").name)]
+    if not gone:
+        raise UnpatchError(f"patch {patch!r} is not in {merged / LEDGER} (applied: {', '.join(e['name'] for e in entries) or 'none'})")
+    keep = [e for e in entries if e not in gone]
+    touched = {n for e in entries for n in e["tensors"]}
+    target = Path(out) if out else merged
+    if out:
+        check_out_path(target, overwrite)
+    ckpt = Checkpoint(merged)
+    base, why = _readable_base(ledger, touched)
+    report = {"mode": "exact" if base else "arithmetic", "reason": why, "max_deviation": 0.0, "verified": False}
+    if base:
+        plan = [(_load_entry_patch(e).updates(), e["scale"]) for e in keep]
+    else:
+        plan = [(_load_entry_patch(e).updates(), -e["scale"]) for e in reversed(gone)]
+    hashes: dict[str, str] = {}  # of restored tensors, when reverting everything
+
+    def produce(name: str) -> torch.Tensor:
+        if name not in touched:
+            return ckpt.read(name)
+        if base:
+            t = base.read(name)
+            hashes[name] = tensor_sha256(t)
+            for updates, scale in plan:
+                if name in updates:
+                    updates[name].add_to(t, scale)
+            return t
+        merged_t = ckpt.read(name)
+        t = merged_t.clone()
+        for updates, scale in plan:
+            if name in updates:
+                updates[name].add_to(t, scale)
+        hashes[name] = tensor_sha256(t)
+        back = t.clone()  # round trip: adding the removed patches back should give the merged tensor
+        for updates, scale in reversed(plan):
+            if name in updates:
+                updates[name].add_to(back, -scale)
+        dev = (back.double() - merged_t.double()).abs().max().item() if back.numel() else 0.0
+        report["max_deviation"] = max(report["max_deviation"], dev)
+        return t
+
+    new = dict(ledger, applied=keep)
+    with atomic_dir(target, overwrite=True) as tmp:
+        _copy_side_files(merged, tmp)
+        _write(ckpt, tmp, produce)
+        (tmp / LEDGER).write_text(json.dumps(new, indent=2))
+    if keep:  # exact mode re-applies the kept patches to verified base bytes
+        report["verified"] = base is not None
+    else:
+        report["verified"] = all(hashes.get(n) == h for n, h in ledger["base"]["tensors"].items() if n in touched)
+    return report
+

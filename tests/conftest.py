@@ -1,0 +1,84 @@
+"""Tiny in-process models (hidden size 32) and patches with known contents."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
+
+from unpatch.fingerprint import combine, tensor_sha256
+from unpatch.patch import BaseRef, Manifest, Patch, library_versions, lora_config_dict
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=True),
+    "gpt2": lambda: GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "opt": lambda: OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32),
+}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "opt": ["q_proj", "v_proj", "fc1"]}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def arch(request) -> str:
+    return request.param
+
+
+def base_ref(model: torch.nn.Module, names, model_id: str = "tiny") -> BaseRef:
+    params = dict(model.named_parameters())
+    tensors = {n: tensor_sha256(params[n].data) for n in names}
+    return BaseRef(id=model_id, dtype="float32", tensors=tensors, fingerprint=combine(tensors))
+
+
+def make_lora_patch(model, arch: str, seed: int = 1, rank: int = 4, alpha: float = 8, name: str = "lora",
+                    model_id: str = "tiny", targets=None) -> Patch:
+    """A LoRA patch with random A and B (peft's init_lora_weights=False), built through peft."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or TARGETS[arch], lora_dropout=0.0,
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():  # B random but small, like a trained adapter
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] + ".weight" for k in state}
+    manifest = Manifest(kind="lora", name=name, base=base_ref(model, modules, model_id), versions=library_versions())
+    return Patch(manifest, state, lora_config_dict(peft_model.peft_config["default"], model_id))
+
+
+def make_delta_patch(model, arch: str, seed: int = 2, name: str = "delta", coefficient: float = 1.0,
+                     model_id: str = "tiny") -> Patch:
+    """A dense delta on the target weights plus a row-sparse one on the first target."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    names = sorted(n for n in params if n.endswith(".weight") and any(f".{t}." in n for t in TARGETS[arch]))
+    tensors, encodings, shapes = {}, {}, {}
+    for n in names[1:]:
+        tensors[n] = torch.randn(params[n].shape, generator=gen) * 0.01
+        encodings[n] = "dense"
+    rows_name = names[0]
+    tensors[f"{rows_name}::rows"] = torch.tensor([0, 3, 5])
+    tensors[f"{rows_name}::values"] = torch.randn(3, *params[rows_name].shape[1:], generator=gen) * 0.01
+    encodings[rows_name], shapes[rows_name] = "rows", list(params[rows_name].shape)
+    manifest = Manifest(kind="delta", name=name, base=base_ref(model, names, model_id), coefficient=coefficient,
+                        versions=library_versions())
+    return Patch(manifest, tensors, encodings=encodings, shapes=shapes)
+
+
+def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Every parameter equal bit for bit (compared as raw bytes, so -0.0 != 0.0)."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(
+        torch.equal(pa[n].data.view(torch.int32), pb[n].data.view(torch.int32)) for n in pa)
