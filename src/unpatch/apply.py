@@ -43,8 +43,15 @@ def check_shapes(patch: Patch, shapes: dict[str, tuple[int, ...]], model_label: 
     for name, u in updates.items():
         if name not in shapes:
             raise UnpatchError(f"{patch.label()}: changes tensor {name!r}, which {model_label} does not have; is this the right base model?")
-        if u.encoding != "rows" and u.shape_hint() != tuple(shapes[name]):
-            raise UnpatchError(f"{patch.label()}: tensor {name!r} has shape {u.shape_hint()} in the patch but {tuple(shapes[name])} in {model_label}")
+        want = tuple(shapes[name])
+        if u.shape_hint() != want:
+            raise UnpatchError(f"{patch.label()}: tensor {name!r} has shape {u.shape_hint()} in the patch but {want} in {model_label}")
+        if u.encoding == "rows":
+            rows, values = u.parts
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= want[0]):
+                raise UnpatchError(f"{patch.label()}: tensor {name!r} changes row {int(rows.max())}, but {model_label} has {want[0]} rows")
+            if tuple(values.shape) != (rows.numel(), *want[1:]):
+                raise UnpatchError(f"{patch.label()}: tensor {name!r} has {tuple(values.shape)} row values for {rows.numel()} rows of width {want[1:]}")
     return updates
 
 
@@ -66,11 +73,15 @@ class Applied:
     def apply(self, patch: Patch, scale: float = 1.0, force: bool = False) -> Entry:
         updates = check_shapes(patch, {n: tuple(p.shape) for n, p in self.params.items()}, self.label)
         forced = check_fingerprint(patch, self.base_hashes(updates), self.label, force)
-        for name, u in updates.items():
-            w = self.params[name].data
+        for name in updates:
             if name not in self.originals:
-                self.originals[name] = w.to("cpu", copy=True)
-            u.add_to(w, scale)
+                self.originals[name] = self.params[name].data.to("cpu", copy=True)
+        try:
+            for name, u in updates.items():
+                u.add_to(self.params[name].data, scale)
+        except BaseException:  # never leave the model half-patched: back to the state before this call
+            self._reset(list(self.entries))
+            raise
         entry = Entry(patch, scale, forced)
         self.entries.append(entry)
         return entry
@@ -86,6 +97,10 @@ class Applied:
             if len(keep) == len(self.entries):
                 names = ", ".join(e.patch.name for e in self.entries) or "none"
                 raise UnpatchError(f"patch {_label(patch)!r} is not applied (applied: {names})")
+        return self._reset(keep)
+
+    def _reset(self, keep: list[Entry]) -> bool:
+        """Copy the original bytes back, verify them, then re-apply `keep` in order."""
         for name, original in self.originals.items():
             self.params[name].data.copy_(original)
         verified = all(

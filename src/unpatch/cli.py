@@ -68,6 +68,34 @@ def build(
 
     patch = run_build(recipe, out=out, overwrite=overwrite, overrides=set_ or [], resume=resume)
     console.print(f"wrote [bold]{patch.path}[/] ({patch.kind}, {len(patch.updates())} tensors, id {patch.patch_id[:12]})")
+    for note in patch.manifest.notes:
+        console.print(f"  {note}", highlight=False)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe to check without running it.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.steps=20")] = None,
+):
+    """Check a recipe (keys, types, method parameters, data sources) without building."""
+    from .data import load_data
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    data = load_data(r)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in vars(data).items() if v)
+    console.print(f"{recipe}: ok ({r.method.name}, {r.patch.kind}, {r.train.steps} steps; data: {sizes or 'none'})")
+
+
+@app.command()
+def methods():
+    """List the unlearning methods with their papers."""
+    from .methods import list_methods
+
+    table = Table("name", "method", "paper", "kinds", "needs")
+    for m in list_methods():
+        table.add_row(m.name, m.display, m.paper or "-", ", ".join(m.kinds), ", ".join(m.needs))
+    console.print(table)
 
 
 @app.command()

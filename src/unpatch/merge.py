@@ -165,6 +165,8 @@ def revert_folder(merged: str | Path, patch: str | None = None, out: str | Path 
     merged = Path(merged)
     ledger = read_ledger(merged)
     entries = ledger["applied"]
+    if not entries:
+        raise UnpatchError(f"{merged}: no patch is applied (its ledger is empty); nothing to revert")
     gone = [e for e in entries if patch is None or patch in (e["name"], e["path"], Path(e["path"] or "").name)]
     if not gone:
         raise UnpatchError(f"patch {patch!r} is not in {merged / LEDGER} (applied: {', '.join(e['name'] for e in entries) or 'none'})")

@@ -6,6 +6,7 @@ else ~/.cache/unpatch), so later loads take seconds and streaming ops can read i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -110,9 +111,15 @@ def checkpoint_folder(ref: ModelRef) -> Path:
         raise UnpatchError(f"model {ref.id!r}: cannot be fetched from the Hub ({str(e).splitlines()[0]})") from e
 
 
+@functools.lru_cache(maxsize=8)
+def _gguf_digest(gguf: Path, size: int, mtime: float) -> str:
+    return file_sha256(gguf)  # hashed once per process per file version
+
+
 def _gguf_cache(gguf: Path) -> Path:
     """Dequantise a GGUF once into a safetensors folder keyed by the file's content hash."""
-    digest = file_sha256(gguf)
+    st = gguf.stat()
+    digest = _gguf_digest(gguf, st.st_size, st.st_mtime)
     folder = cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (folder / "config.json").exists():
         return folder

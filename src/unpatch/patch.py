@@ -4,7 +4,8 @@ kind `delta`: `delta.safetensors`, tensors named after the base parameters they 
   dense   `<name>`                              the whole delta
   rows    `<name>::rows` (int64), `<name>::values`  only these rows change
   lowrank `<name>::B`, `<name>::A`              delta = B @ A
-The encoding of each name is in the file's metadata (`encodings`, JSON).
+The file's metadata has one key, `unpatch`: JSON with `encodings` (name -> dense | rows | lowrank)
+and `shapes` (name -> base tensor shape). Without it, every tensor is read as dense.
 kind `lora`: `adapter_config.json` + `adapter_model.safetensors` exactly as peft writes them, so
 `PeftModel.from_pretrained(base, folder)` loads the patch as it is.
 
@@ -33,6 +34,7 @@ from .atomic import atomic_dir
 from .errors import UnpatchError
 from .fingerprint import combine, file_sha256
 from .safetensors_io import SafetensorsFile
+from .update import LazyTensors, Update, tensor_shape
 
 FORMAT = "unpatch-patch"
 FORMAT_VERSION = 1
@@ -70,95 +72,6 @@ class Manifest(BaseModel):
     notes: list[str] = []
     files: dict[str, str] = {}
     created: str = ""
-
-
-class LazyTensors(Mapping):
-    """Tensors of a safetensors file, read one at a time on access (never all held at once)."""
-
-    def __init__(self, file: SafetensorsFile):
-        self.file = file
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.file.entries:
-            raise KeyError(key)
-        return self.file.read(key)
-
-    def __iter__(self):
-        return iter(self.file.entries)
-
-    def __len__(self) -> int:
-        return len(self.file.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.file.shape(key)
-
-
-def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    return tensors.shape(key) if isinstance(tensors, LazyTensors) else tuple(tensors[key].shape)
-
-
-@dataclass
-class Update:
-    """The change one patch makes to one base tensor, before `--scale`. Its tensors are read
-    from `source` only when used, so a large patch is never held in memory whole."""
-
-    name: str
-    encoding: Literal["dense", "rows", "lowrank"]
-    source: Mapping[str, torch.Tensor]
-    keys: tuple[str, ...]  # dense: (delta,), rows: (rows, values), lowrank: (B, A)
-    factor: float = 1.0
-    transpose: bool = False  # LoRA on Conv1D (fan_in_fan_out) or on an embedding
-    base_shape: tuple[int, ...] | None = None  # needed by rows: the row count is the base's
-
-    @property
-    def parts(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.source[k] for k in self.keys)
-
-    def shape_hint(self) -> tuple[int, ...] | None:
-        """Shape of the full delta (for rows, as recorded at build time)."""
-        shapes = [tensor_shape(self.source, k) for k in self.keys]
-        if self.encoding == "dense":
-            return shapes[0]
-        if self.encoding == "rows":
-            return self.base_shape
-        (rows, _), (_, cols) = shapes
-        return (cols, rows) if self.transpose else (rows, cols)
-
-    def dense(self, scale: float = 1.0) -> torch.Tensor:
-        """The full float32 delta this update adds at `scale`.
-        For lowrank (LoRA) updates, adding it to a float32 base gives the bits `add_to` gives."""
-        if self.encoding == "rows":
-            out = torch.zeros(self.base_shape, dtype=torch.float32)
-            self.add_to(out, scale)
-            return out
-        if self.encoding == "lowrank":
-            return self._lowrank(torch.float32, torch.device("cpu"), scale)
-        return self.parts[0].float() * (self.factor * scale)
-
-    def _lowrank(self, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor:
-        b, a = (p.to(device, dtype) for p in self.parts)
-        d = b @ a
-        d = (d.T if self.transpose else d) * self.factor
-        return d.mul_(scale) if scale != 1 else d
-
-    def add_to(self, w: torch.Tensor, scale: float = 1.0) -> None:
-        """w += scale * factor * delta, in place. LoRA follows peft's merge bit for bit:
-        delta = transpose(B @ A) * scaling, then w += delta."""
-        c = self.factor * scale
-        if c == 0:
-            return  # scale 0 leaves the base untouched, bit for bit
-        exact = w.dtype in (torch.float32, torch.float64)
-        target = w if exact else w.float()  # half precision: add in fp32, round once
-        if self.encoding == "dense":
-            d = self.parts[0].to(target.device, target.dtype, non_blocking=True)
-            target.add_(d) if c == 1 else target.add_(d, alpha=c)
-        elif self.encoding == "rows":
-            rows, values = (p.to(target.device, non_blocking=True) for p in self.parts)
-            target.index_add_(0, rows, values.to(target.dtype), alpha=c)
-        else:
-            target.add_(self._lowrank(target.dtype, target.device, scale))
-        if not exact:
-            w.copy_(target)
 
 
 @dataclass
@@ -215,7 +128,6 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<emb>embedd
 
 def lora_updates(patch: Patch) -> dict[str, Update]:
     cfg = patch.lora_config or {}
-    from peft.utils.other import get_pattern_key  # peft's own rule for rank/alpha patterns
 
     modules: dict[str, dict[str, str]] = {}
     embedding: set[str] = set()
@@ -231,8 +143,11 @@ def lora_updates(patch: Patch) -> dict[str, Update]:
         if set(ab) != {"A", "B"}:
             raise UnpatchError(f"{patch.label()}: LoRA module {module!r} lacks its {'A' if 'A' not in ab else 'B'} matrix")
         r = tensor_shape(patch.tensors, ab["A"])[0]
-        alphas = cfg.get("alpha_pattern") or {}
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
+        alpha = cfg["lora_alpha"]
+        if alphas := cfg.get("alpha_pattern"):
+            from peft.utils.other import get_pattern_key  # peft's own rule (imported only here: peft loads slowly)
+
+            alpha = alphas.get(get_pattern_key(alphas.keys(), module), alpha)
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         transpose = bool(cfg.get("fan_in_fan_out")) or module in embedding
         out[f"{module}.weight"] = Update(f"{module}.weight", "lowrank", patch.tensors, (ab["B"], ab["A"]), scaling, transpose)
@@ -280,8 +195,8 @@ def save_patch(patch: Patch, out: str | Path, overwrite: bool = False) -> Patch:
         tensors = {k: patch.tensors[k].detach().to("cpu").contiguous() for k in patch.tensors}
         if patch.kind == "delta":
             shapes = {n: list(u.shape_hint()) for n, u in patch.updates().items()}
-            meta = {"format": "unpatch-delta", "encodings": json.dumps(patch.encodings, sort_keys=True),
-                    "shapes": json.dumps(shapes, sort_keys=True)}
+            # one metadata key: safetensors writes several in random order, which breaks byte-identical builds
+            meta = {"unpatch": json.dumps({"format": "unpatch-delta", "encodings": patch.encodings, "shapes": shapes}, sort_keys=True)}
             save_file(tensors, tmp / DELTA_FILE, metadata=meta)
             payload = [DELTA_FILE]
         else:
@@ -357,9 +272,10 @@ def load_patch(path: str | Path, allow_pickle: bool = False) -> Patch:
     lora_config = json.loads((p / LORA_CONFIG).read_text()) if manifest.kind == "lora" else None
     if lora_config and lora_config.get("use_dora"):
         raise UnpatchError(f"{p / LORA_CONFIG}: DoRA adapters are not supported; use plain LoRA")
-    encodings = json.loads(metadata.get("encodings", "{}")) if manifest.kind == "delta" else {}
-    if manifest.kind == "delta" and not encodings:
-        encodings = {k: "dense" for k in tensors}
-    shapes = json.loads(metadata.get("shapes", "{}")) if manifest.kind == "delta" else {}
+    meta = json.loads(metadata.get("unpatch", "{}")) if manifest.kind == "delta" else {}
+    if manifest.kind == "delta" and not meta and any("::" in k for k in tensors):
+        raise UnpatchError(f"{p / DELTA_FILE}: has sparse tensors but no `unpatch` metadata saying how to read them; rebuild the patch")
+    encodings = meta.get("encodings") or ({k: "dense" for k in tensors} if manifest.kind == "delta" else {})
+    shapes = meta.get("shapes", {})
     recipe = (p / "recipe.yaml").read_text() if (p / "recipe.yaml").exists() else None
     return Patch(manifest, tensors, lora_config, encodings, shapes, p, recipe)

@@ -49,6 +49,8 @@ class SafetensorsFile:
             raise UnpatchError(f"{self.path}: cannot read ({e.strerror})") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UnpatchError(f"{bad} (corrupt header); re-download or rebuild it") from e
+        if not isinstance(header, dict):
+            raise UnpatchError(f"{bad} (its header is not a JSON object); re-download or rebuild it")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}

@@ -1,0 +1,158 @@
+"""`build`: recipe -> data -> model -> method -> patch folder.
+
+The base fingerprint hashes the ORIGINAL base tensors the patch touches (named as in the bare
+model's `named_parameters()`, so tied weights appear once). With a fixed seed, a CPU build is
+bit-identical run to run (payload files; the manifest's `created` stamp differs), and a build
+resumed from a checkpoint equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .atomic import check_out_path
+from .data import Data, load_data
+from .errors import UnpatchError
+from .fingerprint import combine, tensor_sha256
+from .methods import Context, get_method
+from .model import dtype_name, load_model, model_revision
+from .patch import BaseRef, Manifest, Patch, library_versions, lora_config_dict, save_patch
+from .recipe import Recipe, load_recipe
+
+# default LoRA / delta targets: the attention and MLP projections of each family
+TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: bool = False, overrides: Sequence[str] = (),
+          resume: bool = False, *, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Patch:
+    """Build the patch a recipe describes into `out` (default `patches/<patch.name>`) and return
+    it as saved. `overrides` are `key.path=value` strings; `resume` continues from `<out>.ckpt/`."""
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(out) if out is not None else Path("patches") / recipe.patch.name
+    check_out_path(out, overwrite)  # before anything expensive
+    where = str(recipe.path)
+    data = load_data(recipe)  # data errors surface before the model loads
+    spec = get_method(recipe.method.name)
+    m = recipe.model
+    model, tokenizer, ref = load_model(m.id, m.device, m.dtype, m.revision, m.trust_remote_code)
+    model.requires_grad_(False)
+    base_dtype = dtype_name(next(model.parameters()).dtype)
+    targets = list(recipe.patch.target_modules or default_targets(model, where))
+    torch.manual_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random
+    if recipe.patch.kind == "lora":
+        model, originals = _wrap_lora(model, recipe, targets, where)
+        hashes = {n: tensor_sha256(t) for n, t in originals.items()}  # frozen: still the originals after training
+        originals = {}
+    else:
+        live = target_weights(model, targets, where)
+        originals = {n: p.detach().to("cpu", copy=True) for n, p in live.items()}
+        hashes = {n: tensor_sha256(t) for n, t in originals.items()}
+        for p in live.values():
+            p.requires_grad_(True)
+
+    ckpt = out.with_name(out.name + ".ckpt")
+    ctx = Context(model, tokenizer, recipe, spec.config.model_validate(recipe.method.params), data,
+                  ckpt_dir=ckpt, resume=resume, fingerprint=_settings_hash(recipe, data), on_step=on_step)
+    result = spec.fn(ctx)
+
+    lora_config, encodings = None, {}
+    if recipe.patch.kind == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(model).items()}
+        lora_config = lora_config_dict(model.peft_config["default"], ref.id)
+        # the built-in coefficient is folded into alpha, so peft loads the patch exactly as built
+        lora_config.update(lora_alpha=recipe.patch.alpha * result.coefficient, inference_mode=True)
+    else:
+        params = dict(model.named_parameters())
+        # fp32 difference: a bf16/fp16 base would lose most of a small delta if stored in its own dtype
+        tensors = {n: params[n].detach().to("cpu", torch.float32) - originals[n].to(torch.float32) for n in originals}
+        encodings = {n: "dense" for n in tensors}
+
+    manifest = Manifest(
+        kind=recipe.patch.kind, name=recipe.patch.name,
+        base=BaseRef(id=ref.id, revision=model_revision(ref), dtype=base_dtype, tensors=hashes, fingerprint=combine(hashes)),
+        coefficient=result.coefficient, method={"name": spec.name, "params": dict(recipe.method.params)},
+        recipe_sha256=recipe.sha256, versions=library_versions(), notes=_notes(spec.display, result),
+    )
+    saved = save_patch(Patch(manifest, tensors, lora_config=lora_config, encodings=encodings, recipe_text=recipe.text), out, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the patch is whole: the checkpoint has served
+    return saved
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed Linear
+
+
+def default_targets(model, where: str = "recipe") -> list[str]:
+    """The attention + MLP projections, by model family (or by best overlap for unknown ones)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod)}
+    family = TARGET_DEFAULTS.get(getattr(model.config, "model_type", ""))
+    if family is None or not set(family) & leaves:
+        family = max(TARGET_DEFAULTS.values(), key=lambda fam: len(set(fam) & leaves))
+    chosen = [t for t in family if t in leaves]
+    if not chosen:
+        raise UnpatchError(f"{where}: patch.target_modules: cannot guess the projections of this architecture; "
+                           f"list them (its linear layers: {', '.join(sorted(leaves)) or 'none'})")
+    return chosen
+
+
+def target_weights(model, targets: Sequence[str], where: str = "recipe") -> dict[str, torch.nn.Parameter]:
+    """`.weight` parameters of the modules peft would target (name == t or ends with '.t'),
+    named as in `named_parameters()` (a tied weight under its first name)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for name, mod in model.named_modules():
+        if _is_linear(mod) and any(name == t or name.endswith("." + t) for t in targets):
+            found[names[id(mod.weight)]] = mod.weight
+    if not found:
+        raise UnpatchError(f"{where}: patch.target_modules: none of {', '.join(targets)} is a linear layer of {type(model).__name__}")
+    return dict(sorted(found.items()))
+
+
+def _wrap_lora(model, recipe: Recipe, targets: list[str], where: str):
+    """peft LoRA over the targets; returns (peft model, {base weight name: its tensor})."""
+    from peft import LoraConfig, get_peft_model
+
+    conv1d = any(type(mod).__name__ == "Conv1D" for _, mod in model.named_modules())
+    cfg = LoraConfig(r=recipe.patch.rank, lora_alpha=recipe.patch.alpha, target_modules=targets, lora_dropout=0.0,
+                     task_type="CAUSAL_LM", init_lora_weights=True, fan_in_fan_out=conv1d)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UnpatchError(f"{where}: patch.target_modules: {str(e).splitlines()[0]}") from e
+    inner = peft_model.base_model.model
+    originals = {f"{m}.weight": inner.get_submodule(m).get_base_layer().weight.detach() for m in peft_model.targeted_module_names}
+    return peft_model, dict(sorted(originals.items()))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _settings_hash(recipe: Recipe, data: Data) -> str:
+    """What a resumable checkpoint must match: the validated recipe (overrides included, the
+    checkpoint interval excepted: it does not change the result) and the data it read."""
+    h = hashlib.sha256(recipe.model_dump_json(exclude={"train": {"checkpoint_every"}}).encode())
+    h.update(json.dumps(dataclasses.asdict(data)).encode())
+    return h.hexdigest()
+
+
+def _notes(display: str, result) -> list[str]:
+    h = result.history
+    keys = [k for k in (h[0] if h else {}) if k != "loss"] or ["loss"]  # method metrics say more than the raw loss
+    moves = ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys if h and k in h[-1])
+    return [f"{display}: {result.steps} steps" + (f"; {moves}" if moves else "")] + list(result.notes)

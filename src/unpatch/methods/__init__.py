@@ -1,0 +1,110 @@
+"""The method registry. One file per method; each registers itself with its config class:
+
+    @register("ga", config=GAConfig, display="Gradient ascent", paper="https://arxiv.org/abs/...")
+    def ga(ctx: Context) -> MethodResult: ...
+
+A method trains `ctx.model` in place (its trainable parameters are already chosen by the build:
+LoRA adapters or the target weights) and returns the patch's built-in coefficient. Every module in
+this package except `loop` is imported below, so a new method file registers by existing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import UnpatchError
+
+if TYPE_CHECKING:
+    from ..data import Data
+    from ..recipe import Recipe
+
+
+class NoParams(BaseModel):
+    """For methods without parameters of their own: any key is an unknown key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Context:
+    """Everything a method gets. `batches(role)` yields padded token batches of a data role."""
+
+    model: Any
+    tokenizer: Any
+    recipe: Recipe
+    config: BaseModel
+    data: Data
+    ckpt_dir: Path | None = None  # where the loop keeps resumable checkpoints (None: nowhere)
+    resume: bool = False
+    fingerprint: str = ""  # of the build's settings; a checkpoint from other settings is refused
+    on_step: Callable[[int, dict[str, float]], None] | None = None  # called after each step
+
+    def batches(self, role: str = "forget"):
+        from ..data import Batches
+
+        texts = getattr(self.data, role)
+        if texts is None:
+            raise UnpatchError(f"{self.recipe.path}: data.{role}: required by method {self.recipe.method.name!r}")
+        t = self.recipe.train
+        # each role gets its own order, all fixed by the seed
+        seed = t.seed + ("forget", "retain", "pairs").index(role) * 7919
+        return Batches.from_texts(texts, self.tokenizer, t.max_length, t.batch_size, seed, where=f"{self.recipe.path}: data.{role}")
+
+
+@dataclass
+class MethodResult:
+    coefficient: float = 1.0  # the patch's built-in multiplier (e.g. -lambda for task negation)
+    steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[[Context], MethodResult]
+    config: type[BaseModel]
+    display: str
+    paper: str | None
+    needs: tuple[str, ...]  # data roles the method cannot run without
+    kinds: tuple[str, ...]  # patch kinds it can build
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, config: type[BaseModel] = NoParams, display: str | None = None, paper: str | None = None,
+             needs: tuple[str, ...] = ("forget",), kinds: tuple[str, ...] = ("lora", "delta")):
+    def deco(fn: Callable[[Context], MethodResult]):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise RuntimeError(f"method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name, fn, config, display or name, paper, tuple(needs), tuple(kinds))
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    known = sorted(_REGISTRY)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean: {close[0]}?" if close else ""
+    raise UnpatchError(f"unknown method {name!r}.{hint} Known: {', '.join(known)}")
+
+
+def list_methods() -> list[MethodSpec]:
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "loop" and not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")

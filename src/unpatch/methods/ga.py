@@ -1,0 +1,39 @@
+"""`ga`: plain gradient ascent on the forget texts (the GA term of Yao et al., 2405.15152).
+
+loss = -NLL(forget), NLL being the mean causal-LM cross-entropy over the non-padding tokens of a
+batch; minimising it pushes the forget texts' likelihood down. Unbounded below, so keep the step
+count small or use `train.early_stop: {metric: forget_loss, above: ...}`.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from . import Context, MethodResult, register
+from .loop import train_loop
+
+
+class GAConfig(BaseModel):
+    """Plain gradient ascent has no parameters of its own (steps, lr etc. live in `train`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def nll(model, batch) -> torch.Tensor:
+    """Mean next-token NLL over the real tokens: labels are -100 on padding (data.collate)."""
+    return model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
+                 labels=batch["labels"].to(model.device)).loss
+
+
+def ga_loss(model, batch):
+    loss = nll(model, batch)
+    return -loss, {"forget_loss": loss.item()}
+
+
+@register("ga", config=GAConfig, display="Gradient ascent", paper="https://arxiv.org/abs/2405.15152", needs=("forget",))
+def ga(ctx: Context) -> MethodResult:
+    res = train_loop(ctx.model, ga_loss, ctx.batches("forget"), ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
+                     resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="ga")
+    notes = [f"stopped early: {res.stopped}"] if res.stopped else []
+    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)

@@ -1,0 +1,308 @@
+"""A recipe is one YAML file = one reproducible patch. `load_recipe` turns every problem into a
+one-line UnpatchError of the form `recipes/x.yaml: train.lr: must be > 0`.
+
+Sections: model, data, method, patch, train, eval. The `method` section is `name` plus the
+method's own parameters, validated by the config class the method registered (unpatch.methods).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UnpatchError
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+class ModelSection(BaseModel):
+    model_config = _FROZEN
+    id: str = "smollm2-135m"
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPE_NAMES)}")
+        return v
+
+
+class Source(BaseModel):
+    """Where texts come from: `builtin:<name>`, `hub:<dataset>[:<config>][@<split>]`, or a file
+    (csv/tsv/json/jsonl/parquet/txt) relative to the recipe. A bare string means `{source: ...}`."""
+
+    model_config = _FROZEN
+    source: str
+    column: str | None = None  # text column (default: `text`, or the only column there is)
+    more: str = "sent_more"  # pair columns: the sentence to disfavour ...
+    less: str = "sent_less"  # ... and the one to favour
+    bias_type: str | list[str] | None = None  # keep only records of these bias types
+    limit: int | None = Field(None, gt=0)  # first N usable examples (after filtering)
+    chunk_words: int | None = Field(None, gt=0)  # txt: cut the whole text into N-word passages
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"source": v}
+        if not isinstance(v, dict | Source):
+            raise ValueError(f"expected builtin:<name>, hub:<dataset>, a file path, or a mapping with `source:` (got {v!r})")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if not v or v in ("builtin:", "hub:"):
+            raise ValueError("empty source; give builtin:<name>, hub:<dataset> or a file path")
+        return v
+
+
+class DataSection(BaseModel):
+    model_config = _FROZEN
+    forget: Source | None = None
+    retain: Source | None = None
+    pairs: Source | None = None
+
+
+class MethodSection(BaseModel):
+    """`params` holds the method's config, validated and with its defaults filled in."""
+
+    model_config = _FROZEN
+    name: str
+    params: dict[str, Any] = {}
+
+
+class PatchSection(BaseModel):
+    model_config = _FROZEN
+    kind: Literal["lora", "delta"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] | None = None  # None: guessed from the architecture at build time
+    name: str | None = None  # None: the recipe file's stem
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w.-]+", v):
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, _ . - only)")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("empty list; leave it out to use the architecture's defaults")
+        return v
+
+
+class EarlyStop(BaseModel):
+    """Stop once the mean of `metric` over the last `window` steps crosses a threshold."""
+
+    model_config = _FROZEN
+    metric: str = "forget_loss"
+    above: float | None = None
+    below: float | None = None
+    window: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> EarlyStop:
+        if self.above is None and self.below is None:
+            raise ValueError("give `above` or `below`")
+        return self
+
+
+class TrainSection(BaseModel):
+    model_config = _FROZEN
+    steps: int = Field(100, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(128, gt=1)
+    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)  # 0 = off
+    early_stop: EarlyStop | None = None
+
+
+class EvalSection(BaseModel):
+    model_config = _FROZEN
+    metrics: list[str] = []
+
+
+class Recipe(BaseModel):
+    model_config = _FROZEN
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    method: MethodSection
+    patch: PatchSection = PatchSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    # not YAML keys: where the recipe came from, byte for byte
+    path: Path | None = Field(None, exclude=True)
+    text: str = Field("", exclude=True)
+    sha256: str = Field("", exclude=True)
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative data paths are resolved against."""
+        return self.path.parent if self.path else Path.cwd()
+
+
+SECTIONS = ("model", "data", "method", "patch", "train", "eval")
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override (`key.path=value`, value parsed as YAML) and validate a recipe."""
+    where = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise UnpatchError(f"{where}: no such recipe file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UnpatchError(f"{where}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from e
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UnpatchError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
+    for item in overrides:
+        _apply_override(raw, item, where)
+    for key in raw:
+        if key not in SECTIONS:
+            raise UnpatchError(f"{where}: {key}: unknown key{_did_you_mean(str(key), SECTIONS)}")
+    raw["method"] = _validate_method(raw.get("method"), where)
+    raw.setdefault("patch", {})
+    if isinstance(raw["patch"], dict) and raw["patch"].get("name") is None:
+        raw["patch"] = {**raw["patch"], "name": re.sub(r"[^\w.-]", "_", p.stem)}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UnpatchError(f"{where}: {_format_error(e)}") from e
+    _check_needs(recipe, where)
+    return recipe.model_copy(update={"path": p, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def _apply_override(raw: dict, item: str, where: str) -> None:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise UnpatchError(f"--set {item!r}: expected key.path=value (e.g. train.lr=1e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and parts[0] in ("data", "method") and i == len(parts) - 2:
+            # `data.forget: builtin:x` + `--set data.forget.limit=5`: widen the shorthand
+            child = {"source": child} if parts[0] == "data" else {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise UnpatchError(f"{where}: --set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node[part] = child
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _validate_method(raw: Any, where: str) -> dict[str, Any]:
+    from .methods import get_method  # lazy: the registry imports the methods (and torch)
+
+    if raw is None:
+        raise UnpatchError(f"{where}: method: missing; add e.g. `method: {{name: ga}}`")
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise UnpatchError(f"{where}: method: expected a mapping with `name` and the method's parameters")
+    params = dict(raw)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise UnpatchError(f"{where}: method.name: missing; e.g. `name: ga`")
+    try:
+        spec = get_method(name)
+    except UnpatchError as e:
+        raise UnpatchError(f"{where}: method.name: {e}") from e
+    try:
+        cfg = spec.config.model_validate(params)
+    except ValidationError as e:
+        raise UnpatchError(f"{where}: {_format_error(e, ('method',), spec.config)}") from e
+    return {"name": name, "params": cfg.model_dump(mode="json")}
+
+
+def _check_needs(recipe: Recipe, where: str) -> None:
+    from .methods import get_method
+
+    spec = get_method(recipe.method.name)
+    for role in spec.needs:
+        if getattr(recipe.data, role) is None:
+            raise UnpatchError(f"{where}: data.{role}: required by method {spec.name!r}; add e.g. `{role}: builtin:toxicity`")
+    if recipe.patch.kind not in spec.kinds:
+        raise UnpatchError(f"{where}: patch.kind: method {spec.name!r} builds only {' or '.join(spec.kinds)} patches")
+
+
+# ------------------------------------------------------------------------------ error text
+
+
+def _format_error(e: ValidationError, prefix: tuple = (), root: type[BaseModel] = Recipe) -> str:
+    """The first error (unknown keys first: usually the root cause) as `key.path: message`."""
+    errors = sorted(e.errors(), key=lambda er: er["type"] != "extra_forbidden")
+    er = errors[0]
+    loc = tuple(x for x in er["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    key = ".".join(str(x) for x in prefix + loc) or "(top level)"
+    if er["type"] == "extra_forbidden":
+        known = _fields_at(root, loc[:-1])
+        return f"{key}: unknown key{_did_you_mean(str(loc[-1]), known)}"
+    if er["type"] == "missing":
+        return f"{key}: required key missing"
+    ctx = er.get("ctx") or {}
+    for t, op in (("greater_than", ">"), ("greater_than_equal", ">="), ("less_than", "<"), ("less_than_equal", "<=")):
+        if er["type"] == t:
+            bound = next(iter(ctx.values()))
+            return f"{key}: must be {op} {bound:g} (got {er['input']!r})" if isinstance(bound, float) else f"{key}: must be {op} {bound} (got {er['input']!r})"
+    msg = er["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if not isinstance(er.get("input"), dict | list) and er["type"] != "value_error":
+        msg += f" (got {er['input']!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{key}: {msg}{more}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at `loc`, for did-you-mean on unknown keys."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        sub = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sub:
+            return []
+        model = sub[0]
+    return [n for n, f in model.model_fields.items() if not f.exclude]
+
+
+def _did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f". Did you mean: {close[0]}?" if close else ""
+
+
+__all__ = ["Recipe", "Source", "load_recipe"]

@@ -1,0 +1,100 @@
+"""One patch's change to one base tensor (`Update`), and lazily read payload tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .safetensors_io import SafetensorsFile
+
+
+class LazyTensors(Mapping):
+    """Tensors of a safetensors file, read one at a time on access (never all held at once)."""
+
+    def __init__(self, file: SafetensorsFile):
+        self.file = file
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.file.entries:
+            raise KeyError(key)
+        return self.file.read(key)
+
+    def __iter__(self):
+        return iter(self.file.entries)
+
+    def __len__(self) -> int:
+        return len(self.file.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file.shape(key)
+
+
+def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    return tensors.shape(key) if isinstance(tensors, LazyTensors) else tuple(tensors[key].shape)
+
+
+@dataclass
+class Update:
+    """The change one patch makes to one base tensor, before `--scale`. Its tensors are read
+    from `source` only when used, so a large patch is never held in memory whole."""
+
+    name: str
+    encoding: Literal["dense", "rows", "lowrank"]
+    source: Mapping[str, torch.Tensor]
+    keys: tuple[str, ...]  # dense: (delta,), rows: (rows, values), lowrank: (B, A)
+    factor: float = 1.0
+    transpose: bool = False  # LoRA on Conv1D (fan_in_fan_out) or on an embedding
+    base_shape: tuple[int, ...] | None = None  # needed by rows: the row count is the base's
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.source[k] for k in self.keys)
+
+    def shape_hint(self) -> tuple[int, ...] | None:
+        """Shape of the full delta (for rows, as recorded at build time)."""
+        shapes = [tensor_shape(self.source, k) for k in self.keys]
+        if self.encoding == "dense":
+            return shapes[0]
+        if self.encoding == "rows":
+            return self.base_shape
+        (rows, _), (_, cols) = shapes
+        return (cols, rows) if self.transpose else (rows, cols)
+
+    def dense(self, scale: float = 1.0) -> torch.Tensor:
+        """The full float32 delta this update adds at `scale`.
+        For lowrank (LoRA) updates, adding it to a float32 base gives the bits `add_to` gives."""
+        if self.encoding == "rows":
+            out = torch.zeros(self.base_shape, dtype=torch.float32)
+            self.add_to(out, scale)
+            return out
+        if self.encoding == "lowrank":
+            return self._lowrank(torch.float32, torch.device("cpu"), scale)
+        return self.parts[0].float() * (self.factor * scale)
+
+    def _lowrank(self, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor:
+        b, a = (p.to(device, dtype) for p in self.parts)
+        d = b @ a
+        d = (d.T if self.transpose else d) * self.factor
+        return d.mul_(scale) if scale != 1 else d
+
+    def add_to(self, w: torch.Tensor, scale: float = 1.0) -> None:
+        """w += scale * factor * delta, in place. LoRA follows peft's merge bit for bit:
+        delta = transpose(B @ A) * scaling, then w += delta."""
+        c = self.factor * scale
+        if c == 0:
+            return  # scale 0 leaves the base untouched, bit for bit
+        exact = w.dtype in (torch.float32, torch.float64)
+        target = w if exact else w.float()  # half precision: add in fp32, round once
+        if self.encoding == "dense":
+            d = self.parts[0].to(target.device, target.dtype, non_blocking=True)
+            target.add_(d) if c == 1 else target.add_(d, alpha=c)
+        elif self.encoding == "rows":
+            rows, values = (p.to(target.device, non_blocking=True) for p in self.parts)
+            target.index_add_(0, rows, values.to(target.dtype), alpha=c)
+        else:
+            target.add_(self._lowrank(target.dtype, target.device, scale))
+        if not exact:
+            w.copy_(target)

@@ -1,0 +1,51 @@
+"""End-to-end on the real SmolLM2-135M through the CLI: build -> apply -> revert, both kinds.
+Marked `real` (skip locally with `make test-fast`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+UNPATCH = [sys.executable, "-m", "unpatch"]
+
+
+def run(*args: str) -> str:
+    r = subprocess.run([*UNPATCH, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, f"unpatch {' '.join(args)} failed:\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "delta"])
+def test_build_apply_revert_is_bit_exact(tmp_path, kind):
+    patch, m1, m0, b = (tmp_path / n for n in ("P", "M1", "M0", "B"))
+    run("build", "recipes/smoke.yaml", "--out", str(patch), "--set", f"patch.kind={kind}")
+    run("apply", str(patch), "--model", "smollm2-135m", "--scale", "0.6", "--out", str(m1))
+    run("revert", str(m1), "--out", str(m0))
+    run("apply", str(patch), "--model", "smollm2-135m", "--scale", "0", "--out", str(b))
+
+    reverted, base, merged = tensors(m0), tensors(b), tensors(m1)
+    assert reverted.keys() == base.keys()
+    for name in base:  # compare raw bytes: -0.0 vs 0.0 would count as a difference
+        assert torch.equal(reverted[name].view(torch.uint8), base[name].view(torch.uint8)), name
+    changed = [n for n in base if not torch.equal(merged[n], base[n])]
+    assert changed, "the patch at scale 0.6 changed nothing"
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(m1)
+    params = dict(model.named_parameters())
+    assert torch.equal(params[changed[0]].data, merged[changed[0]])
