@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
 
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch import BaseRef, Manifest, Patch, library_versions, lora_config_dict
@@ -82,3 +84,37 @@ def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     return pa.keys() == pb.keys() and all(
         torch.equal(pa[n].data.view(torch.int32), pb[n].data.view(torch.int32)) for n in pa)
+
+
+# ---------------------------------------------------------------- tiny models on disk, for builds
+
+WORDS = "the a cat dog sat on mat ran far and quick brown fox jumps over lazy he she is was very bad good people are".split()
+FORGET = ["the cat sat on the mat", "the dog ran far", "she is very bad", "he was a lazy dog",
+          "the quick brown fox jumps over the lazy dog", "people are good", "a cat is a cat", "the fox ran"]
+BUILD_CONFIGS = {  # with bos/eos ids inside the tiny vocabulary
+
+    "llama": lambda: LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "gpt2": lambda: GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for arch in ("llama", "gpt2"):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(BUILD_CONFIGS[arch]()).save_pretrained(root / arch)
+        tiny_tokenizer().save_pretrained(root / arch)
+    return root

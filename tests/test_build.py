@@ -8,45 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.build import build, default_targets, target_weights
 from unpatch.data import Batches
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch import load_patch
-
-WORDS = "the a cat dog sat on mat ran far and quick brown fox jumps over lazy he she is was very bad good people are".split()
-FORGET = ["the cat sat on the mat", "the dog ran far", "she is very bad", "he was a lazy dog",
-          "the quick brown fox jumps over the lazy dog", "people are good", "a cat is a cat", "the fox ran"]
-CONFIGS = {
-    "llama": lambda: LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "gpt2": lambda: GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
-    "opt": lambda: OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                             max_position_embeddings=64, word_embed_proj_dim=32),
-}
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    for arch in ("llama", "gpt2"):
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(CONFIGS[arch]()).save_pretrained(root / arch)
-        tiny_tokenizer().save_pretrained(root / arch)
-    return root
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:
@@ -195,8 +165,8 @@ def test_default_targets_per_family():
     expect = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               "gpt2": ["c_attn", "c_proj", "c_fc"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
     for arch, targets in expect.items():
-        assert default_targets(AutoModelForCausalLM.from_config(CONFIGS[arch]())) == targets
-    llama = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+        assert default_targets(AutoModelForCausalLM.from_config(BUILD_CONFIGS[arch]())) == targets
+    llama = AutoModelForCausalLM.from_config(BUILD_CONFIGS["llama"]())
     assert "lm_head.weight" not in target_weights(llama, ["lm_head", "q_proj"])  # tied: appears once,
     assert "model.embed_tokens.weight" in target_weights(llama, ["lm_head"])  # under its first name
 

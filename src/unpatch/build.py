@@ -66,7 +66,7 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
                   ckpt_dir=ckpt, resume=resume, fingerprint=_settings_hash(recipe, data), on_step=on_step)
     result = spec.fn(ctx)
 
-    lora_config, encodings = None, {}
+    lora_config, encodings, shapes = None, {}, {}
     if recipe.patch.kind == "lora":
         from peft.utils import get_peft_model_state_dict
 
@@ -77,8 +77,8 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
     else:
         params = dict(model.named_parameters())
         # fp32 difference: a bf16/fp16 base would lose most of a small delta if stored in its own dtype
-        tensors = {n: params[n].detach().to("cpu", torch.float32) - originals[n].to(torch.float32) for n in originals}
-        encodings = {n: "dense" for n in tensors}
+        dense = {n: params[n].detach().to("cpu", torch.float32) - originals[n].to(torch.float32) for n in originals}
+        tensors, encodings, shapes = sparsify(dense)
 
     manifest = Manifest(
         kind=recipe.patch.kind, name=recipe.patch.name,
@@ -86,9 +86,24 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
         coefficient=result.coefficient, method={"name": spec.name, "params": dict(recipe.method.params)},
         recipe_sha256=recipe.sha256, versions=library_versions(), notes=_notes(spec.display, result),
     )
-    saved = save_patch(Patch(manifest, tensors, lora_config=lora_config, encodings=encodings, recipe_text=recipe.text), out, overwrite)
+    saved = save_patch(Patch(manifest, tensors, lora_config=lora_config, encodings=encodings, shapes=shapes, recipe_text=recipe.text),
+                       out, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)  # the patch is whole: the checkpoint has served
     return saved
+
+
+def sparsify(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[int]]]:
+    """Store each delta dense, or as its changed rows where that is smaller (PCGU-style updates,
+    untouched embedding rows). Returns (payload tensors, encodings, shapes)."""
+    tensors, encodings, shapes = {}, {}, {}
+    for n, d in deltas.items():
+        shapes[n] = list(d.shape)
+        rows = d.reshape(d.shape[0], -1).ne(0).any(dim=1).nonzero().flatten() if d.dim() > 0 else None
+        if rows is not None and rows.numel() * (d[0].numel() + 2) < d.numel():
+            tensors[f"{n}::rows"], tensors[f"{n}::values"], encodings[n] = rows, d[rows].contiguous(), "rows"
+        else:
+            tensors[n], encodings[n] = d, "dense"
+    return tensors, encodings, shapes
 
 
 # ------------------------------------------------------------------------------ targets

@@ -67,6 +67,10 @@ class MethodResult:
     notes: list[str] = field(default_factory=list)
 
 
+# objective(model, tokenizer, data, recipe) -> float: what the method pushes, measured on a model
+Objective = Callable[[Any, Any, "Data", "Recipe"], float]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -76,17 +80,22 @@ class MethodSpec:
     paper: str | None
     needs: tuple[str, ...]  # data roles the method cannot run without
     kinds: tuple[str, ...]  # patch kinds it can build
+    objective: Objective | None = None  # the registry-driven tests check it moves `direction`
+    direction: str = "up"  # up | down
+    example: dict[str, Any] = field(default_factory=dict)  # method params for a tiny test build
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, config: type[BaseModel] = NoParams, display: str | None = None, paper: str | None = None,
-             needs: tuple[str, ...] = ("forget",), kinds: tuple[str, ...] = ("lora", "delta")):
+             needs: tuple[str, ...] = ("forget",), kinds: tuple[str, ...] = ("lora", "delta"),
+             objective: Objective | None = None, direction: str = "up", example: dict[str, Any] | None = None):
     def deco(fn: Callable[[Context], MethodResult]):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, config, display or name, paper, tuple(needs), tuple(kinds))
+        _REGISTRY[name] = MethodSpec(name, fn, config, display or name, paper, tuple(needs), tuple(kinds),
+                                     objective, direction, dict(example or {}))
         return fn
 
     return deco

@@ -31,7 +31,20 @@ def ga_loss(model, batch):
     return -loss, {"forget_loss": loss.item()}
 
 
-@register("ga", config=GAConfig, display="Gradient ascent", paper="https://arxiv.org/abs/2405.15152", needs=("forget",))
+@torch.no_grad()
+def forget_nll(model, tokenizer, data, recipe) -> float:
+    """Mean NLL of the forget texts (the objective ga pushes up)."""
+    from ..data import Batches
+
+    t = recipe.train
+    batches = Batches.from_texts(data.forget, tokenizer, t.max_length, t.batch_size, t.seed, where="data.forget")
+    model.eval()
+    losses = [nll(model, batches[i]).item() for i in range(max(1, len(data.forget) // t.batch_size))]
+    return sum(losses) / len(losses)
+
+
+@register("ga", config=GAConfig, display="Gradient ascent", paper="https://arxiv.org/abs/2405.15152", needs=("forget",),
+          objective=forget_nll, direction="up")
 def ga(ctx: Context) -> MethodResult:
     res = train_loop(ctx.model, ga_loss, ctx.batches("forget"), ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
                      resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="ga")
