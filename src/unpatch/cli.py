@@ -34,9 +34,9 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled 
 
 
 def _load(path: str, allow_pickle: bool = False):
-    from .patch import load_patch
+    from .hub import resolve_patch
 
-    return load_patch(path, allow_pickle=allow_pickle)
+    return resolve_patch(path, allow_pickle=allow_pickle)  # a folder, or a Hub id (owner/name[@rev])
 
 
 def _need_out(out: Path | None, what: str) -> Path:
@@ -266,6 +266,28 @@ def verify(patch: Annotated[str, typer.Argument()], model: ModelOpt = None):
     if model:
         check_against(p, Checkpoint(checkpoint_folder(resolve_model(model))), f"model {model}")
         console.print(f"matches base {model} (fingerprint {p.manifest.base.fingerprint[:16]})")
+
+
+@app.command()
+def push(
+    patch: Annotated[str, typer.Argument(help="Patch folder to upload.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repo id, owner/name.")],
+    private: Annotated[bool, typer.Option("--private")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+):
+    """Upload a verified patch (manifest, payload, recipe, card) to the Hugging Face Hub."""
+    from .hub import push as hub_push
+
+    console.print(f"pushed {patch} to {repo}: {hub_push(patch, repo, private=private, revision=revision, create_pr=create_pr)}")
+
+
+@app.command()
+def pull(ref: Annotated[str, typer.Argument(help="owner/name[@revision]")]):
+    """Download a patch into the Hugging Face cache and print its folder."""
+    from .hub import pull as hub_pull
+
+    print(hub_pull(ref))
 
 
 def main() -> None:
