@@ -55,18 +55,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def best_of(n: int, fn, setup=None, teardown=None) -> float:
-    """Min wall time of fn() over one warm-up + n timed runs; setup/teardown run untimed around each."""
+    """Min CLOCK time of fn() over n runs after one warm-up; setup/teardown run untimed around each."""
     times = []
-    for i in range(n + 1):
+    for _ in range(n + 1):
         state = setup() if setup else None
         t0 = CLOCK()
         fn(state) if setup else fn()
-        dt = CLOCK() - t0
-        if teardown:
-            teardown(state)
-        if i:
-            times.append(dt)
-    return min(times)
+        times.append(CLOCK() - t0)
+        teardown(state) if teardown else None
+    return min(times[1:])
 
 
 def copy_bandwidth(n: int, nbytes: int) -> float:
@@ -203,9 +200,8 @@ def child(delta_dir: str, out: str) -> None:
 
     patch = load_patch(delta_dir)
     gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        hwm_reset = True
+    try:  # "5" resets VmHWM (the peak) to the current RSS
+        hwm_reset = Path("/proc/self/clear_refs").write_text("5") > 0
     except OSError:
         hwm_reset = False
     base, peak, done = rss(), [0], threading.Event()
@@ -215,8 +211,7 @@ def child(delta_dir: str, out: str) -> None:
             peak[0] = max(peak[0], rss())
             time.sleep(0.002)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    (th := threading.Thread(target=sample, daemon=True)).start()
     t0 = time.perf_counter()
     apply_to_folder(MODEL, [(patch, SCALE)], out)
     seconds = time.perf_counter() - t0
@@ -257,6 +252,8 @@ def main() -> None:
     pristine = {k: p.detach().clone() for k, p in model.named_parameters()}
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, best of {n} after a warm-up, "
           f"{'thread CPU' if args.cpu_time else 'wall'} time; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if os.getloadavg()[0] > os.cpu_count() and not args.cpu_time:
+        print("# WARNING: the machine is busy (load > CPUs): wall timings measure preemption; rerun with --cpu-time")
     bw = copy_bandwidth(n, sum(p.nbytes for p in model.parameters() if p.dim() == 2))
     delta, lora = dense_delta_patch(model), lora_patch(model)
     with tempfile.TemporaryDirectory(prefix="unpatch-bench-") as d:

@@ -20,6 +20,7 @@ ppl rises by <= --ppl-budget, the one with the smallest target-type distance.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -61,6 +62,24 @@ def measure(label: str, model, tok, args, base: dict | None) -> dict:
     return res
 
 
+def base_results(model, tok, args) -> dict:
+    """Measure the base, or reuse --base-cache when it was measured with the same settings (the
+    base eval takes as long as a patch's; sweeps of several patches are often run one by one)."""
+    settings = {k: getattr(args, k) for k in ("model", "ppl_tokens", "window", "stride", "crows_limit")}
+    cache = Path(args.base_cache) if args.base_cache else None
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["settings"] == settings:
+            for k, v in saved["results"].items():
+                print(f"base_{k}: {v:.4f}")
+            print(f"# base: from {cache}")
+            return saved["results"]
+    res = measure("base", model, tok, args, None)
+    if cache is not None:
+        cache.write_text(json.dumps({"settings": settings, "results": res}))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patch", action="append", default=[], help="patch folder (repeat for several)")
@@ -71,6 +90,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--ppl-budget", type=float, default=0.02, help="largest allowed relative ppl rise")
+    ap.add_argument("--base-cache", default=None, help="JSON file to keep / reuse the base measurements in")
     ap.add_argument("--crows-limit", type=int, default=None, help="first N pairs only (quick runs)")
     args = ap.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
@@ -78,7 +98,7 @@ def main() -> None:
     model, tok, _ = load_model(args.model, "cpu")
     print(f"# {args.model}; CrowS-Pairs {CROWS.name}; WikiText-2 first {args.ppl_tokens} tokens, window {args.window}, "
           f"stride {args.stride}; torch threads {torch.get_num_threads()}")
-    base = measure("base", model, tok, args, None)
+    base = base_results(model, tok, args)
     applied = Applied(model)
     for folder in args.patch:
         patch = load_patch(folder)

@@ -14,7 +14,7 @@ from unpatch.data import Batches, load_data
 from unpatch.errors import UnpatchError
 from unpatch.methods import Context
 from unpatch.methods.ga import nll
-from unpatch.methods.ga_kl import GAKLConfig, Streams, kl_to_reference, make_reference, split_prompt
+from unpatch.methods.ga_kl import Streams, kl_to_reference, make_reference, split_prompt
 from unpatch.methods.npo import NPOConfig, make_loss, npo_loss, reference_logprobs, sequence_logprobs
 from unpatch.recipe import load_recipe
 
@@ -67,12 +67,13 @@ def test_kl_reference_is_a_frozen_copy_for_delta():
     assert kl_to_reference(model, ref, retain).item() > 0
 
 
+@torch.no_grad()
 def test_kl_matches_the_definition():
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     b = batch()[0]
     kl = kl_to_reference(model, lambda ids, mask: other(input_ids=ids, attention_mask=mask).logits, b)
-    p = torch.log_softmax(other(input_ids=b["input_ids"]).logits, -1)
-    q = torch.log_softmax(model(input_ids=b["input_ids"]).logits, -1)
+    p = torch.log_softmax(other(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
+    q = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
     per_token = (p.exp() * (p - q)).sum(-1)
     m = b["attention_mask"].float()
     assert kl.item() == pytest.approx(float((per_token * m).sum() / m.sum()), rel=1e-5)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UnpatchError
-from .fingerprint import combine, tensor_sha256
+from .fingerprint import combine, tensor_hashes
 from .patch import Patch
 
 
@@ -65,9 +65,14 @@ class Applied:
         self.params = dict(model.named_parameters())
         self.originals: dict[str, torch.Tensor] = {}
         self.entries: list[Entry] = []
+        # hashes of the base tensors, computed once: every change made here is reverted to the
+        # original bytes, so they stay valid (unless someone edits the weights behind our back)
+        self.hashes: dict[str, str] = {}
 
     def base_hashes(self, names) -> dict[str, str]:
-        return {n: tensor_sha256(self.originals.get(n, self.params[n].data)) for n in names if n in self.params}
+        todo = {n: self.originals.get(n, self.params[n].data) for n in names if n in self.params and n not in self.hashes}
+        self.hashes.update(tensor_hashes(todo))
+        return {n: self.hashes[n] for n in names if n in self.hashes}
 
     @torch.no_grad()
     def apply(self, patch: Patch, scale: float = 1.0, force: bool = False) -> Entry:
@@ -103,8 +108,9 @@ class Applied:
         """Copy the original bytes back, verify them, then re-apply `keep` in order."""
         for name, original in self.originals.items():
             self.params[name].data.copy_(original)
-        verified = all(
-            tensor_sha256(self.params[n].data) == h for e in self.entries if not e.forced for n, h in e.patch.manifest.base.tensors.items())
+        restored = tensor_hashes({n: self.params[n].data for n in self.originals})
+        verified = all(restored.get(n, self.hashes.get(n)) == h
+                       for e in self.entries if not e.forced for n, h in e.patch.manifest.base.tensors.items())
         self.originals.clear()
         self.entries = []
         for e in keep:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -15,6 +17,12 @@ def tensor_sha256(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{DTYPE_NAMES[t.dtype]}{list(t.shape)}".encode())
     h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def tensor_hashes(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of many tensors on all cores: hashlib releases the GIL on large buffers."""
+    with ThreadPoolExecutor(max_workers=min(8, torch.get_num_threads())) as pool:
+        return dict(zip(tensors, pool.map(tensor_sha256, tensors.values()), strict=True))
 
 
 def combine(hashes: dict[str, str]) -> str:

@@ -53,17 +53,20 @@ class Checkpoint:
         return self.where[name].read(name)
 
 
-def hash_as(t: torch.Tensor, dtype_name: str) -> str:
-    """Hash a checkpoint tensor in the dtype the patch's base was loaded in (an exact upcast)."""
-    dtype = resolve_dtype(dtype_name)
-    return tensor_sha256(t if t.dtype == dtype else t.to(dtype))
-
-
-def check_against(patch: Patch, ckpt: Checkpoint, label: str, force: bool = False) -> tuple[dict, bool]:
-    """Shapes and fingerprint of `patch` against a checkpoint; returns (updates, forced)."""
+def check_against(patch: Patch, ckpt: Checkpoint, label: str, force: bool = False,
+                  raw_hashes: dict[str, str] | None = None) -> tuple[dict, bool]:
+    """Shapes and fingerprint of `patch` against a checkpoint; returns (updates, forced).
+    `raw_hashes` collects the hashes of the checkpoint tensors as stored (for the ledger)."""
     updates = check_shapes(patch, ckpt.shapes, label)
-    forced = check_fingerprint(patch, {n: hash_as(ckpt.read(n), patch.manifest.base.dtype) for n in updates}, label, force)
-    return updates, forced
+    dtype = resolve_dtype(patch.manifest.base.dtype)
+    actual = {}
+    for n in updates:
+        t = ckpt.read(n)
+        raw = tensor_sha256(t) if raw_hashes is None or n not in raw_hashes else raw_hashes[n]
+        if raw_hashes is not None:
+            raw_hashes[n] = raw
+        actual[n] = raw if t.dtype == dtype else tensor_sha256(t.to(dtype))  # an exact upcast
+    return updates, check_fingerprint(patch, actual, label, force)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -99,8 +102,7 @@ def apply_to_folder(model: str, patches: list[tuple[Patch, float]], out: str | P
     base_hashes: dict[str, str] = {}
     plan = []
     for patch, scale in patches:
-        updates, forced = check_against(patch, ckpt, f"model {ref.id}", force)
-        base_hashes.update({n: tensor_sha256(ckpt.read(n)) for n in updates if n not in base_hashes})
+        updates, forced = check_against(patch, ckpt, f"model {ref.id}", force, raw_hashes=base_hashes)
         plan.append((patch, scale, forced, updates))
     by_tensor: dict[str, list] = {}
     for _patch, scale, _, updates in plan:

@@ -28,6 +28,9 @@ class LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self.file.entries)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self.file.entries
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self.file.shape(key)
 
@@ -74,11 +77,13 @@ class Update:
             return self._lowrank(torch.float32, torch.device("cpu"), scale)
         return self.parts[0].float() * (self.factor * scale)
 
-    def _lowrank(self, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor:
-        # peft computes transpose(B @ A) * scaling; multiplying in place on the fresh product gives
-        # the same values with one pass less, and folding `scale` in keeps it at one pass
+    def _lowrank(self, dtype: torch.dtype, device: torch.device, scale: float, scratch: bool = False) -> torch.Tensor:
+        # peft computes transpose(B @ A) * scaling; multiplying in place on the product gives the
+        # same values with one pass less, and folding `scale` in keeps it at one pass. With
+        # `scratch`, the product goes into a reused buffer: fresh pages cost a fault each.
         b, a = (p.to(device, dtype) for p in self.parts)
-        d = (b @ a).mul_(self.factor * scale)
+        out = _scratch(b.shape[0] * a.shape[1], dtype, device).view(b.shape[0], a.shape[1]) if scratch else None
+        d = torch.matmul(b, a, out=out).mul_(self.factor * scale)
         return d.T if self.transpose else d
 
     def add_to(self, w: torch.Tensor, scale: float = 1.0) -> None:
@@ -96,6 +101,17 @@ class Update:
             rows, values = (p.to(target.device, non_blocking=True) for p in self.parts)
             target.index_add_(0, rows, values.to(target.dtype), alpha=c)
         else:
-            target.add_(self._lowrank(target.dtype, target.device, scale))
+            target.add_(self._lowrank(target.dtype, target.device, scale, scratch=True))
         if not exact:
             w.copy_(target)
+
+
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat buffer of at least `numel` elements (grown, never shrunk)."""
+    buf = _SCRATCH.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]

@@ -165,12 +165,13 @@ class _Plan:
     one is exactly its longest common prefix with the previous one. Each sequence becomes one row
     holding only its new positions; its past is the cached path of the row that created the
     last shared position. A row's level is one more than its parent's, so a level is one batch
-    of independent rows. Every distinct prefix (trie node) is run exactly once.
+    of independent rows. Every distinct prefix (trie node) is run once, except that a row sharing
+    fewer than MIN_SHARE tokens runs them again (its scores come from the first run only).
     """
 
     def __init__(self, seqs: list[list[int]]):
         child: dict[tuple[int, int], int] = {}
-        creator: list[int] = [-1]  # node -> the row that runs it; node 0 = the empty prefix
+        self.creator: list[int] = [-1]  # node -> the row that scores it; node 0 = the empty prefix
         self.paths: list[list[int]] = []  # per sequence: the node of each input position
         self.wanted: dict[int, set[int]] = {}  # node -> the next tokens it must score
         self.rows: list[tuple[list[int], list[int], int, int]] = []  # (tokens, nodes, past length, parent row)
@@ -181,15 +182,15 @@ class _Plan:
                 nxt = child.get((node, t))
                 if nxt is None:  # new from here on (lexicographic order)
                     start = min(start, j)
-                    nxt = child[(node, t)] = len(creator)
-                    creator.append(i)
+                    nxt = child[(node, t)] = len(self.creator)
+                    self.creator.append(i)
                 node = nxt
                 path.append(node)
                 self.wanted.setdefault(node, set()).add(s[j + 1])
             self.paths.append(path)
             if start < MIN_SHARE:  # run it whole instead
                 start = 0
-            parent = creator[path[start - 1]] if start else -1
+            parent = self.creator[path[start - 1]] if start else -1
             self.rows.append((s[start:-1], path[start:], start, parent))
             self.level.append(self.level[parent] + 1 if parent >= 0 else 0)
         self.has_child = [False] * len(seqs)
@@ -274,8 +275,9 @@ def _run_rows(model, plan: _Plan, chunk: list[int], kv: dict, node_lp: dict, pad
         mask[b, pmax: pmax + len(tokens)] = 1
         pos[b] = torch.arange(start, start + width)
         for j, v in enumerate(nodes):
-            for t in sorted(plan.wanted[v]):
-                rows.append(b), cols.append(j), tgts.append(t), keys.append((v, t))
+            if plan.creator[v] == r:  # a node another row created is scored there
+                for t in sorted(plan.wanted[v]):
+                    rows.append(b), cols.append(j), tgts.append(t), keys.append((v, t))
     keep = any(plan.has_child[r] for r in chunk)
     cache = DynamicCache() if keep else None
     if pmax:
