@@ -59,7 +59,7 @@ OVERRIDES = {"copyright": [f"data.forget.source={BOOK}"]}  # the recipe expects 
 MODEL = "smollm2-135m"
 FAILED: dict[str, str] = {}  # recipe -> why its build failed
 
-FULL = dict(scales="0.5,1,1.5,2.5", forget_scales="1,2", ppl_tokens=20480, window=1024, stride=512,
+FULL = dict(scales="0.5,1,1.5,2.5", forget_scales="0.5,1,1.5", ppl_tokens=20480, window=1024, stride=512,
             crows_limit=None, stereoset_limit=400, build_steps=None, n_prompts=64, gen_tokens=32, passages=32,
             heldout_limit=200, judge_limit=512, perf=True)
 QUICK = dict(scales="0.5,1", forget_scales="1", ppl_tokens=1024, window=512, stride=256, crows_limit=24,

@@ -212,6 +212,18 @@ def test_kl_against_another_model_equals_hand_computation(tmp_path, tok):
         get_metric("kl_retain")(model, tok, reference_logprobs=small, source=src, limit=2)
 
 
+def test_cached_kl_of_a_peaked_base_against_itself_is_zero_not_nan(tmp_path, tok):
+    # a base so sure of its next token that its top-k mass rounds to 1: the rest bucket is empty
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e3)  # logits x 1000: softmax one-hot in float32
+    src = write_lines(tmp_path / "r.txt", TEXTS)
+    cached = reference_logprobs(model, tok, source=src, top_k=3)
+    assert float(cached.logprobs[0].exp().sum(-1).max()) >= 1.0  # the case this test is about
+    got = get_metric("kl_retain")(model, tok, reference_logprobs=cached, source=src)
+    assert got["kl"] == 0.0 and got["max_kl"] == 0.0
+
+
 def test_kl_default_reference_of_a_peft_model_is_its_base(tmp_path, tok):
     from peft import LoraConfig, get_peft_model
 

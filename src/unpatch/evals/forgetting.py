@@ -302,7 +302,9 @@ def _kl_cached(model, tokenizer, seqs, ref: ReferenceLogprobs, batch_tokens: int
                 rest_b = (-lb.double().exp().sum(-1)).clamp(min=-1.0).log1p()
                 rest_p = lp.scatter(1, ix, float("-inf")).logsumexp(-1).double()
                 if ix.shape[1] < lp.shape[1]:  # k >= vocab: no rest, the KL is exact
-                    kl = kl + rest_b.exp() * (rest_b - rest_p)
+                    # a peaked base whose top-k mass rounds to 1 leaves an empty bucket: 0 * log 0 = 0, not nan
+                    rest = rest_b.exp() * (rest_b - rest_p)
+                    kl = kl + torch.where(torch.isneginf(rest_b), torch.zeros_like(rest), rest)
                 total += float(kl.sum())
                 worst = max(worst, float(kl.max()))
                 count += n
