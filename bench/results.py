@@ -9,6 +9,7 @@ scale), <= 6 x 4 points, stopping at the first scale over the budget (~27 min ex
 every type + StereoSet at 6 recommended scales ~9 min; forgetting ~7 min; perf benches ~7 min. On a
 loaded machine multiply by its load / 2; --scales / --stereoset-limit trim it.
     .venv/bin/python bench/results.py [--quick] [--out docs] [--work DIR] [--recipes gender,harmful]
+    .venv/bin/python bench/results.py --report-only   # re-render docs/RESULTS.md from docs/results.json
 
 1. Builds every recipes/*.yaml (timed, `build(..., run_eval=False)`; copyright.yaml with
    `data.forget.source=` a public-domain book from ../shared/data), then loads the model ONCE and
@@ -232,6 +233,8 @@ def settings(argv=None) -> argparse.Namespace:
         if k != "perf":
             ap.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else int, default=None)
     ap.add_argument("--no-perf", action="store_true", help="skip the perf benches")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render RESULTS.md and the plots from OUT/results.json (no measuring)")
     s = ap.parse_args(argv)
     preset = QUICK if s.quick else FULL
     for k, v in preset.items():
@@ -247,6 +250,10 @@ def settings(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     s = settings(argv)
+    if s.report_only:  # the report's wording changed, the measurements did not
+        write_report(json.loads((s.out / "results.json").read_text(encoding="utf-8")), s.out)
+        log(f"wrote {s.out / 'RESULTS.md'} from {s.out / 'results.json'}")
+        return
     torch.set_num_threads(s.threads)
     t_start = time.perf_counter()
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))

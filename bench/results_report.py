@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench helpers beside this file
+from results_claims import STUDIED, copyright_finding, paper_claims, transfer_findings, transfer_verdict  # noqa: E402
 
 TYPES = ("gender", "race-color", "religion", "age", "disability", "nationality", "physical-appearance",
          "sexual-orientation", "socioeconomic")
-STUDIED = ("gender", "race-color", "religion")
 
 
 def f(x, nd: int = 2) -> str:
@@ -96,7 +99,7 @@ def bias_sections(d: dict, out: Path) -> tuple[list[str], dict]:
     # ---- transfer
     tr = {n: b for n, b in bias.items() if builds[n]["method"] == "masked_ga" and b["focus"] in STUDIED}
     md += ["## 3. Transfer across bias types (claim of 2407.16951)", ""]
-    verdict = {}
+    shows = None
     if tr:
         md += ["Rows: masked-token gradient-ascent patches learned from ONE bias type, at their recommended scale. Columns: "
                "change of the CrowS-Pairs distance |pct - 50| on every type (negative = less bias; base distance in the header).", ""]
@@ -107,21 +110,9 @@ def bias_sections(d: dict, out: Path) -> tuple[list[str], dict]:
             ch = [abs(c[t] - 50) - abs(bc[t] - 50) for t in types] + [abs(c["all"] - 50) - abs(bc["all"] - 50)]
             matrix.append(ch)
             rows.append([f"{n} ({b['focus']})"] + [f"{x:+.2f}" + (" *" if t == b["focus"] else "") for x, t in zip(ch, [*types, "all"], strict=True)])
-            others = [t for t in STUDIED if t != b["focus"] and t in types]
-            step = {t: 100 / max(1, bc.get("n/" + t, 1)) for t in others}  # one pair's worth of pct
-            moved = [t for t in others if abs(c[t] - 50) - abs(bc[t] - 50) <= -step[t]]
-            verdict[n] = (b["focus"], others, moved)
         md += table(head, rows)
-        md += ["`*` = the type the patch learned from.", ""]
-        shows = [n for n, (_, others, moved) in verdict.items() if moved]
-        for n, (t, others, moved) in verdict.items():
-            md.append(f"- `{n}` (learned on {t}): lowers the distance by at least one pair on "
-                      + (", ".join(moved) if moved else "none") + f" of the other studied types ({', '.join(others)}).")
-        sizes = sorted(bc.get("n/" + t, 0) for t in STUDIED if t in types)
-        md += ["", f"**Transfer {'shows up' if shows else 'does not show up'}** in these numbers: "
-               f"{len(shows)} of {len(verdict)} single-type patches reduce bias on another studied type by at least one pair "
-               f"(the studied types have {sizes[0]}-{sizes[-1]} pairs, so one pair moves a type's score by "
-               f"{100 / max(1, sizes[-1]):.2f}-{100 / max(1, sizes[0]):.2f} points).", ""]
+        lines, shows = transfer_findings(tr, bc, types)
+        md += ["`*` = the type the patch learned from.", ""] + lines + ["", transfer_verdict(tr, shows), ""]
         plot_transfer([f"{n}" for n in tr], [*types, "all"], matrix, out / "transfer.png")
         md += ["![transfer matrix](transfer.png)", ""]
     else:
@@ -130,7 +121,7 @@ def bias_sections(d: dict, out: Path) -> tuple[list[str], dict]:
     cuts = [(rel_cut(abs(bc[b["focus"]] - 50), abs(b["at"]["crows"][b["focus"]] - 50)), n) for n, b in bias.items()
             if b["recommended_scale"] is not None and b["focus"] in bc]
     top = max(((c, n) for c, n in cuts if c is not None), default=None)
-    return md, {"best": ranked[0] if ranked else None, "b0": b0, "transfer": verdict, "top": top}
+    return md, {"best": ranked[0] if ranked else None, "b0": b0, "transfer_shows": shows, "top": top}
 
 
 def plot_methods(gender: dict, builds: dict, b0, s: dict, path: Path) -> None:
@@ -215,6 +206,7 @@ def forget_sections(d: dict) -> tuple[list[str], dict]:
                  f(x["values"]["verbatim_recall"]["other/rouge_l"], 4), f(x["values"]["verbatim_recall"]["other/bleu"], 2),
                  f(x["values"]["retain_nll"]["perplexity"], 3)] for x in v]
         md += table(["variant", "book ROUGE-L", "book BLEU", "other ROUGE-L", "other BLEU", "retain ppl (held-out news)"], rows)
+        md += copyright_finding(v)
     if len(md) == 2:
         md += ["Not measured: no forgetting recipe in this run.", ""]
     return md, acc
@@ -243,7 +235,8 @@ def perf_section(d: dict) -> list[str]:
         rows.append([what, f"`{name}`", r.get("values", {}).get(name, f"missing (rc {r.get('rc')})"), f"`{r.get('cmd', '')}`"])
     md += table(["comparison", "name", "value", "from"], rows)
     for r in d["perf"].values():
-        md += [f"- `{r['cmd']}` ({r['seconds']:.0f} s): " + "; ".join(r["notes"][:6])] + [f"  - stderr: {x}" for x in r["stderr"]]
+        said = r["notes"][:6] or [f"{k} {v}" for k, v in r["values"].items()]  # no context lines: the values
+        md += [f"- `{r['cmd']}` ({r['seconds']:.0f} s): " + "; ".join(said)] + [f"  - stderr: {x}" for x in r["stderr"]]
     return md + ["", "Each ratio is from one run on the shared machine below; wall-clock ratios move with its load."]
 
 
@@ -294,7 +287,7 @@ def write_report(d: dict, out: Path) -> None:
            "- builds: " + "; ".join(f"{n} {b['method']} {b['steps']} steps" + (f" ({' '.join(b['overrides'])})" if b["overrides"] else "")
                                     for n, b in d["builds"].items())]
     md += [f"- **build FAILED** `{n}`: {why}" for n, why in d.get("failed", {}).items()] + [""]
-    md += b_md + f_md + perf_section(d)
+    md += b_md + f_md + perf_section(d) + paper_claims(d, b_acc, f_acc)
     sec = d["seconds"]
     md += ["", "## Run time", "", ", ".join(f"{k} {v / 60:.1f} min" for k, v in sec.items() if k != "total")
            + f"; total {sec['total'] / 60:.1f} min wall, {d.get('cpu_seconds', 0) / 60:.1f} min CPU ({d['mode']} mode, {s['threads']} torch threads; builds: "

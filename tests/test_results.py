@@ -69,3 +69,21 @@ def test_results_quick(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     check_report(tmp_path / "docs")
+
+
+def test_committed_results_are_the_scripts_output(tmp_path):
+    """docs/RESULTS.md is exactly what bench/results.py renders from docs/results.json: no hand-typed figures."""
+    docs = ROOT / "docs"
+    data = json.loads((docs / "results.json").read_text(encoding="utf-8"))
+    assert data["mode"] == "full" and data["settings"]["crows_limit"] is None and not data["failed"]
+    (tmp_path / "results.json").write_bytes((docs / "results.json").read_bytes())
+    cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--report-only", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (docs / "RESULTS.md").read_text(encoding="utf-8")
+    assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == md
+    head, rows = table_after(md, "## 0. Targets")
+    assert len(rows) == 2 and all(v in ("reached", "NOT reached") for v in (r[2] for r in rows))
+    assert len(parse_tables(md)) >= 9 and "QUICK MODE" not in md
+    for png in ("method_comparison.png", "transfer.png"):
+        assert (docs / png).stat().st_size > 1000 and f"({png})" in md
