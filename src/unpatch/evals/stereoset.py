@@ -140,19 +140,10 @@ def load_stereoset(source: str = DEFAULT_SOURCE, split: str = "both", limit: int
         raise UnpatchError(f"stereoset: split {split!r} is not one of both, intrasentence, intersentence")
     if limit is not None and limit < 1:
         raise UnpatchError(f"stereoset: limit {limit} must be a positive number of items")
-    if source.startswith("builtin:"):
-        if source != DEFAULT_SOURCE:
-            raise UnpatchError(f"stereoset: unknown source {source!r}; use {DEFAULT_SOURCE}, a dev.json/JSONL path or hub:McGill-NLP/stereoset")
-        from ..data import builtin_file
+    from ..data import read_benchmark
 
-        items = _read_file(builtin_file("stereoset", "stereoset"), source)
-    elif source.startswith("hub:"):
-        items = _read_hub(source)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UnpatchError(f"stereoset: no such file {source!r}; give StereoSet's dev.json, a flat JSONL, {DEFAULT_SOURCE} or hub:McGill-NLP/stereoset")
-        items = _read_file(path, source)
+    items = read_benchmark("stereoset", source, DEFAULT_SOURCE, _read_file, _read_hub,
+                           files="StereoSet's dev.json or a flat JSONL", hub="hub:McGill-NLP/stereoset")
     out = []
     for sp in SPLITS:
         if split in ("both", sp):
