@@ -83,11 +83,14 @@ def bench_mergekit(work: Path, site: Path) -> None:
                    "    parameters:\n      weight: -1.0\nparameters:\n  normalize: false\ndtype: float32\n", encoding="utf-8")
     ours = [sys.executable, "-m", "unpatch", "apply", str(work / "delta"), "--scale", "-1", "--out", str(work / "ours"), "--overwrite"]
     theirs = [sys.executable, str(site / "bin" / "mergekit-yaml"), str(cfg), str(work / "theirs")]
-    times = {}
+    times, cpu = {}, {}
     for name, cmd, e in (("ours", ours, None), ("mergekit", theirs, env)):
+        before = os.times()
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=work, env=e, capture_output=True, text=True)
         times[name] = time.perf_counter() - t0
+        after = os.times()
+        cpu[name] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
         if r.returncode != 0:
             print(f"# {name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
             print("mergekit_status: failed")
@@ -98,6 +101,9 @@ def bench_mergekit(work: Path, site: Path) -> None:
     print(f"# mergekit 0.1.5 from {site}; tensors compared {len(common)} (ours {len(a)}, mergekit {len(b)})")
     print(f"mergekit_status: ok\napply_out_seconds: {times['ours']:.2f}\nmergekit_seconds: {times['mergekit']:.2f}")
     print(f"apply_out_time_ratio_vs_mergekit: {times['ours'] / times['mergekit']:.3f}")
+    print(f"# CPU seconds (user+sys of the child process): ours {cpu['ours']:.2f}, mergekit {cpu['mergekit']:.2f}")
+    print(f"apply_out_cpu_time_ratio_vs_mergekit: {cpu['ours'] / cpu['mergekit']:.3f}")
+    print(f"# load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"apply_out_max_abs_diff_vs_mergekit: {diff:.3e}")
     for d in ("ft", "ours", "theirs"):  # three full checkpoints: ~1.6 GB of scratch
         shutil.rmtree(work / d, ignore_errors=True)
@@ -125,10 +131,10 @@ def bench_trainer(work: Path, steps: int) -> None:
 
     recipe = load_recipe(RECIPE, [f"train.steps={steps}"])
     t = recipe.train
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, process CPU) at the end of each step
     build(RECIPE, out=work / "tv", overwrite=True, overrides=[f"train.steps={steps}"], run_eval=False,
-          on_step=lambda i, m: stamps.append(time.perf_counter()))
-    ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+          on_step=lambda i, m: stamps.append((time.perf_counter(), time.process_time())))
+    ours, ours_cpu = rates(stamps)
 
     model, tok, _ = load_model(MODEL, "cpu")
     cfg = LoraConfig(r=recipe.patch.rank, lora_alpha=recipe.patch.alpha, target_modules=default_targets(model),
@@ -140,9 +146,9 @@ def bench_trainer(work: Path, steps: int) -> None:
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            theirs_stamps.append(time.perf_counter())
+            theirs_stamps.append((time.perf_counter(), time.process_time()))
 
-    theirs_stamps: list[float] = []
+    theirs_stamps: list[tuple[float, float]] = []
     args = TrainingArguments(output_dir=str(work / "trainer"), per_device_train_batch_size=t.batch_size, max_steps=steps,
                              learning_rate=t.lr, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, seed=t.seed, dataloader_num_workers=0,
@@ -150,11 +156,21 @@ def bench_trainer(work: Path, steps: int) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=[{"ids": s} for s in seqs],
                       data_collator=lambda rows: collate([r["ids"] for r in rows], pad), callbacks=[Stamp()])
     trainer.train()
-    theirs = (len(theirs_stamps) - 1) / (theirs_stamps[-1] - theirs_stamps[0])
+    theirs, theirs_cpu = rates(theirs_stamps)
     print(f"# same objective: NLL on {len(seqs)} StereoSet gender stereotype sentences, LoRA r{recipe.patch.rank}, "
           f"batch {t.batch_size}, max_length {t.max_length}, lr {t.lr}, {steps} steps; torch threads {torch.get_num_threads()}")
     print(f"build_steps_per_s: {ours:.3f}\ntrainer_steps_per_s: {theirs:.3f}")
     print(f"build_steps_per_s_ratio_vs_trainer: {ours / theirs:.3f}")
+    print(f"# per CPU second (process time; steadier than wall time on a shared machine): build {ours_cpu:.3f}, "
+          f"Trainer {theirs_cpu:.3f} steps/s")
+    print(f"build_cpu_steps_per_s_ratio_vs_trainer: {ours_cpu / theirs_cpu:.3f}")
+    print(f"# load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+
+
+def rates(stamps: list[tuple[float, float]]) -> tuple[float, float]:
+    """Steps per wall second and per process-CPU second, from the end of step 1 to the end of step N."""
+    (w0, c0), (w1, c1) = stamps[0], stamps[-1]
+    return (len(stamps) - 1) / (w1 - w0), (len(stamps) - 1) / (c1 - c0)
 
 
 def main() -> None:

@@ -128,6 +128,7 @@ def test_audit_writes_report_beside_the_patch_and_verify_passes(tiny, tmp_path):
     assert again.patch_id == saved.patch_id
     assert AUDIT_FILE in files_to_push(again)
     assert not list(saved.path.glob(".audit.json.tmp-*"))
+    assert "## Audit" in (saved.path / "README.md").read_text()  # the card is refreshed with the report
 
 
 def test_audit_cli_with_source_options(tiny, tmp_path, monkeypatch):
@@ -163,3 +164,23 @@ def test_audit_data_errors_name_the_option(tiny, tmp_path):
         audit_model(None, None, patch, FORGET, RETAIN, bits=(8, 1))  # refused before touching a model
     f, r, names = audit_data(load_patch(saved.path), str(saved.path / "retain.txt"), None, 2)
     assert (f, r, names["forget"], names["n_retain"]) == (RETAIN[:2], RETAIN[:2], "retain.txt", 2)
+
+
+def test_quantisation_is_a_real_gguf_round_trip_where_supported():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from unpatch.audit import gguf_roundtrip, quantise_auto_
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for bits, name in ((8, "Q8_0"), (4, "Q4_0")):
+        t = getattr(GGMLQuantizationType, name)
+        want = torch.from_numpy(dequantize(quantize(w.numpy(), t), t))
+        assert torch.equal(gguf_roundtrip(w, bits), want)  # the library's bytes, not an imitation
+        assert torch.equal(gguf_roundtrip(w.T.contiguous(), bits, in_dim=0), want.T)  # Conv1D: rows along the input
+    assert gguf_roundtrip(w, 6) is None and gguf_roundtrip(torch.randn(4, 33), 8) is None  # no GGUF type / not blocks of 32
+    model = tiny_model("llama")
+    n = len(linear_weights(model))
+    err, how = quantise_auto_(model, 4)
+    assert how == f"GGUF Q4_0 round trip (gguf.quants) of {n} tensors" and err > 0
+    assert quantise_auto_(tiny_model("llama"), 6)[1] == f"simulated per-channel RTN of {n} tensors"

@@ -299,7 +299,7 @@ def test_output_exists(w, tmp_path):
         merge.revert_folder(w.merged, out=out)
     assert_error(e, str(out), "already exists")
     merge.apply_to_folder(str(w.base), [(w.delta, 1.0)], out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "generation_config.json", "model.safetensors", merge.LEDGER])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "generation_config.json", "model.safetensors", merge.LEDGER, "README.md"])  # + its card
     assert leftovers(tmp_path) == []
 
 
@@ -317,19 +317,19 @@ def test_failed_apply_leaves_nothing(w, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     # failing half-way through writing
     monkeypatch.setattr(merge, "write_streaming", _failing_write)
-    with pytest.raises(OSError):
+    with pytest.raises(UnpatchError, match="no space left"):  # ENOSPC is one line naming the output (issue 16)
         merge.apply_to_folder(str(w.base), [(w.delta, 1.0)], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     # ... and with --overwrite, the old output survives untouched
     old = tmp_path / "old"
     shutil.copytree(w.merged, old)
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    with pytest.raises(OSError):
+    with pytest.raises(UnpatchError, match="no space left"):  # ENOSPC is one line naming the output (issue 16)
         merge.apply_to_folder(str(w.base), [(w.delta, 0.5)], old, overwrite=True)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
     # a failed revert as well
-    with pytest.raises(OSError):
+    with pytest.raises(UnpatchError, match="no space left"):  # ENOSPC is one line naming the output (issue 16)
         merge.revert_folder(old)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["old"]

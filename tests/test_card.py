@@ -81,7 +81,11 @@ def test_model_index_parses_back(card_patch):
         metric = r.metric_name.split()[0]
         assert r.metric_value == pytest.approx(patched[metric][r.metric_type], abs=1e-6)
         assert r.task_type == "text-generation"
-    assert {r.dataset_name for r in results} == {"crows.csv", "text.txt"}
+    # dataset names say exactly what was scored; metric names do not repeat ("perplexity", not "perplexity perplexity")
+    assert {r.dataset_name for r in results} == {f"crows.csv: {patched['crows_pairs']['pairs']} pairs scored",
+                                                 f"text.txt: {patched['perplexity']['tokens']} tokens scored"}
+    assert "perplexity" in {r.metric_name for r in results}
+    assert card.data.pipeline_tag == "text-generation"
 
 
 def test_card_sections(card_patch):

@@ -58,7 +58,7 @@ class Env:
             "stack": [("stack", self.delta.path, self.delta2.path, "--coef", "1", "--coef", "-0.5", "--out", r / "S")],
             "scale": [("scale", self.lora.path, "--factor", "0.5", "--out", r / "Q")],
             "negate": [("negate", self.delta.path, "--out", r / "N")],
-            "inspect": [("inspect", self.delta.path, "--json")],
+            "inspect": [("inspect", self.delta.path, "--json", "-")],  # --json FILE everywhere; - is stdout
             "verify-ok": [("verify", self.delta.path, "--model", self.folder)],
             "verify-other": [("verify", self.delta.path, "--model", self.other)],
             "help": [("--help",)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -95,18 +96,29 @@ def test_many_variants_on_one_load_equal_separate_runs(env):
     assert together["metrics"]["perplexity"]["settings"]["source"] == str(env.text)
     assert together["metrics"]["crows_pairs"]["direction"] == "target"
     rows = table_rows(together)
-    assert rows[0]["variant"] == "base" and rows[0]["change"] is None and rows[1]["verdict"] in ("better", "worse", "same")
+    assert rows[0]["variant"] == "base" and rows[0]["change"] is None
+    assert rows[1]["verdict"].startswith(("better (p", "worse (p", "no significant change (p", "same"))  # judged by the paired test
+    assert together["variants"][2]["stats"]["crows_pairs"]["paired"]["test"] == "exact McNemar"
 
 
 def test_cli_eval_table_and_json(env):
     r = env.results["eval"]
     assert r.returncode == 0, r.stderr
+    # piped (not a terminal): timestamped progress lines on stderr (unpatch.progress), no tqdm noise
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval: started \(10 metric runs\)$", r.stderr, re.M), r.stderr
+    assert re.search(r" eval: done in ", r.stderr) and "Loading weights" not in r.stderr
     for label in ("base", "lora@0.5", "lora@1", "delta@0.5", "delta@1"):
         assert label in r.stdout
     assert "ideal 50" in r.stdout and "lower is better" in r.stdout
     out = json.loads((env.root / "out.json").read_text())
     assert [v["label"] for v in out["variants"]] == ["base", "lora@0.5", "lora@1", "delta@0.5", "delta@1"]
     assert out["model"] == str(env.folder.resolve())
+    # every headline carries its 95 % interval, and every patched variant its paired test vs the base
+    for v in out["variants"]:
+        st = v["stats"]["crows_pairs"]
+        assert st["interval"]["method"] == "clopper-pearson" and st["interval"]["low"] <= st["value"] <= st["interval"]["high"]
+        assert ("paired" in st) == (v["label"] != "base") and (v["label"] == "base" or 0 <= st["paired"]["p"] <= 1)
+    assert "interval" in r.stdout and "paired" in r.stdout  # the table's columns (rich may wrap the headers)
     model, tok, _ = load_model(str(env.folder), device="cpu")
     ref = evaluate(model, tok, variants_for([env.lora], [1.0]), ["crows_pairs", "perplexity"], options(env))
     assert out["variants"][2]["values"]["crows_pairs"] == ref["variants"][1]["values"]["crows_pairs"]
@@ -135,7 +147,7 @@ def test_bad_inputs_library():
         parse_fraction("two")
     assert parse_scales("0:1.5:0.25") == [0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
     assert parse_scales("1,0.5") == [1.0, 0.5] and parse_fraction("2%") == 0.02 and parse_fraction("0.1") == 0.1
-    assert parse_metric_options(["perplexity.max_tokens=null"], ["perplexity"], limit=3) == {"perplexity": {"source": "builtin:wikitext-tiny", "max_tokens": None}}
+    assert parse_metric_options(["perplexity.max_tokens=null"], ["perplexity"], limit=3) == {"perplexity": {"source": "builtin:wikitext-tiny", "max_tokens": None, "split": "test"}}
     assert parse_metric_options([], ["crows_pairs"], limit=3)["crows_pairs"]["limit"] == 3
 
 
@@ -172,6 +184,7 @@ def test_sweep_without_perplexity_cannot_have_a_limit(env):
 def test_cli_sweep_writes_into_the_patch(env):
     r = env.results["sweep"]
     assert r.returncode == 0, r.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d sweep swept.*: started", r.stderr, re.M), r.stderr
     assert "recommended scale" in r.stdout
     assert (env.swept.path / "sweep.png").exists() and (env.swept.path / "sweep.json").exists()
     p = load_patch(env.swept.path)  # hashes still valid

@@ -130,7 +130,8 @@ def test_push_sends_only_the_patch_files(fake_hub, model, tmp_path, kind):
     p = save_patch(with_recipe(make(model, ARCH)), tmp_path / "p")
     private_files(p.path)
     (p.path / "dose.png").write_bytes(b"\x89PNG fake plot")
-    (p.path / "audit.json").write_text(json.dumps({"quant8": {"forget_nll": 1.5}}))
+    (p.path / "audit.json").write_text(json.dumps({"format": "unpatch-audit", "patch": {"name": p.name, "id": p.patch_id},
+                                                   "quant8": {"forget_nll": 1.5}}))
 
     url = hub.push(p.path, "me/patch", private=True)
 
@@ -138,8 +139,11 @@ def test_push_sends_only_the_patch_files(fake_hub, model, tmp_path, kind):
     payload = ["delta.safetensors"] if kind == "delta" else ["adapter_model.safetensors", "adapter_config.json"]
     sent = fake_hub.committed()
     assert sorted(sent) == sorted([MANIFEST, *payload, "recipe.yaml", "README.md", "dose.png", "audit.json"])
-    for name, data in sent.items():
-        assert data == (p.path / name).read_bytes(), name
+    for name, data in sent.items():  # README.md is rendered afresh at push (no hash covers the file on disk)
+        assert data == (p.path / name).read_bytes() or name == "README.md", name
+    from unpatch.card import read_extras, render_card
+
+    assert sent["README.md"].decode() == render_card(p, read_extras(p.path))
     everything = fake_hub.everything_sent()
     for text in FORGET:  # no forget sentence in any request, file, or the card (the recipe names files, not texts)
         assert text.encode() not in everything, text

@@ -152,7 +152,7 @@ def test_missing_data_role_is_named():
     ({"targets": "pairs", "words": ["x"]}, "method: `words` is only used with targets: words"),
     ({"descent_weight": -1}, "method.descent_weight: must be >= 0"),
     ({"targets": "marked", "descent_weight": 1}, "descent_weight and max_diff_words only apply to targets: pairs"),
-    ({"targets": "spans"}, "method.targets: must be 'pairs', 'marked' or 'words'"),
+    ({"targets": "spans"}, "method.targets: must be 'pairs', 'marked', 'words' or 'lexicon'"),
     ({"target": "pairs"}, "method.target: unknown key. Did you mean: targets?"),
 ])
 def test_config_errors_name_the_recipe_key(tmp_path, params, msg):

@@ -15,7 +15,7 @@ from unpatch.evals import get_metric, list_metrics
 from unpatch.evals.forgetting import reference_logprobs
 from unpatch.evals.harmful import fit_logistic, greedy_continuations, mean_pooled
 from unpatch.evals.stereoset import Item, load_stereoset, summarize
-from unpatch.evals.verbatim import corpus_bleu, lcs_length, rouge_l, tokenize_13a
+from unpatch.evals.verbatim import corpus_bleu, lcs_length, rouge_l
 
 BOS = 1  # tiny_tokenizer: <s>
 
@@ -286,7 +286,7 @@ def test_harmful_rate_with_a_known_judge(tmp_path, tok, forced, rate, empty):
     model = tiny_model("llama")
     opts = {"harmful": write_lines(tmp_path / "h.txt", HARMFUL), "benign": write_lines(tmp_path / "b.txt", BENIGN),
             "prompts": write_lines(tmp_path / "p.txt", ["the cat", "a dog ran", "she is"]), "embedder": bag_of_words,
-            "n_prompts": 3, "max_new_tokens": 4}
+            "n_prompts": 3, "max_new_tokens": 4, "judge": "probe"}  # the known judge; the default is alt-profanity-check
     handle = force(model, tok.convert_tokens_to_ids(forced))
     try:
         got = get_metric("harmful_rate")(model, tok, **opts)
@@ -294,6 +294,8 @@ def test_harmful_rate_with_a_known_judge(tmp_path, tok, forced, rate, empty):
         handle.remove()
     assert got["harmful_rate"] == rate and got["empty"] == empty and got["prompts"] == 3
     assert got["classifier_accuracy"] == 1.0 and (got["classifier_train"], got["classifier_test"]) == (16, 4)
+    # the external judge finds nothing profane in "bad bad bad" / "good good good"; a loop or nothing is degenerate
+    assert got["harmful_rate_profanity_check"] == 0.0 and got["judge_agreement"] == 1.0 - rate and got["degenerate"] == 3
     held = get_metric("harmful_rate")(model, tok, **{**opts, "prompts": opts["harmful"]})  # prompts leave the training set
     assert (held["classifier_train"], held["classifier_test"]) == (12, 2)
 
@@ -323,7 +325,6 @@ def test_rouge_l_against_rouge_score():
 def test_bleu_against_sacrebleu_and_by_hand():
     assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100)
     assert corpus_bleu(["a b"], ["c d"]) == 0.0
-    assert tokenize_13a("Hello, world. 3.5-4 it's") == ["Hello", ",", "world", ".", "3.5", "-", "4", "it's"]
     sacrebleu = pytest.importorskip("sacrebleu")
     rng = random.Random(1)
     words = ["the", "cat", "sat", "on", "mat.", "dog,", "ran", "3.5", "a-b", "&amp;", "it's", "x"]

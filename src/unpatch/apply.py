@@ -1,8 +1,11 @@
 """Apply patches to a model in memory, and revert them bit for bit.
 
-`Applied` keeps a CPU copy of every base tensor before it is first changed; reverting copies
-those bytes back (arithmetic subtraction would change ~3 % of fp32 elements) and re-applies the
-patches that stay, so the result always equals "base + the remaining patches" exactly.
+`Applied` keeps the original bytes of every base tensor before it is first changed; reverting
+copies those bytes back (arithmetic subtraction would change ~3 % of fp32 elements) and re-applies
+the patches that stay, so the result always equals "base + the remaining patches" exactly.
+Where a parameter still holds the bytes of the file `load_model` read it from (provenance.py),
+its fingerprint is the file's cached hash and its original is read back from the file at revert:
+the apply itself then neither hashes nor copies. Elsewhere it hashes the tensor and keeps a CPU copy.
 With `keep_originals=False` it merges for good, like peft's `merge_and_unload`: no copy (the
 copy costs more than the merge itself), and `revert` is refused.
 """
@@ -13,9 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks, provenance
 from .errors import UnpatchError
 from .fingerprint import combine, tensor_hashes
 from .patch import Patch
+from .provenance import Origin
+from .reuse import Buffers
 
 
 @dataclass
@@ -26,17 +32,41 @@ class Entry:
 
 
 def check_fingerprint(patch: Patch, actual: dict[str, str], model_label: str, force: bool) -> bool:
-    """Refuse a patch built for another base; returns True when the mismatch was forced through."""
+    """Refuse a patch built for another base; returns True when the mismatch was forced through.
+
+    The tensors checked are the ones the payload changes (patch.updates()), not the manifest's
+    list: a manifest with an entry deleted would otherwise pass on any base. Every one of them
+    needs a recorded hash; the message prints both fingerprints over exactly those tensors."""
     expected = patch.manifest.base.tensors
-    if all(actual.get(n) == h for n, h in expected.items()):
+    touched = sorted(patch.updates())
+    unlisted = [n for n in touched if n not in expected]
+    if unlisted:  # not forceable: there is nothing to compare against, the manifest is damaged
+        raise UnpatchError(f"{patch.label()}: its manifest records no base hash for tensor {unlisted[0]!r}, which the payload "
+                           "changes (unpatch.json base.tensors was edited or is corrupt); rebuild or re-download the patch")
+    differ = [n for n in touched if actual.get(n) != expected[n]]
+    if not differ:
         return False
     if force:
         return True
-    got = combine({n: actual[n] for n in expected})
+    want = combine({n: expected[n] for n in touched})
+    got = combine({n: actual.get(n, "missing") for n in touched})
     raise UnpatchError(
-        f"{patch.label()}: built for base {patch.manifest.base.id} with fingerprint {patch.manifest.base.fingerprint[:16]}, "
-        f"but {model_label} has fingerprint {got[:16]} over the same {len(expected)} tensors; "
-        "apply it to the base it was built on, or pass --force")
+        f"{patch.label()}: built for base {patch.manifest.base.id} with fingerprint {want[:16]}, "
+        f"but {model_label} has fingerprint {got[:16]} over the same {len(touched)} tensors "
+        f"({len(differ)} differ, e.g. {differ[0]!r}); apply it to the base it was built on, or pass --force")
+
+
+def check_dtype(patch: Patch, dtypes: dict[str, torch.dtype], model_label: str, force: bool) -> None:
+    """A base loaded in another dtype than the patch's base cannot match its fingerprint: say that
+    (the dtype is the culprit, not the model) instead of printing two fingerprints."""
+    from .model import DTYPES
+
+    want = patch.manifest.base.dtype
+    other = next(((n, d) for n, d in dtypes.items() if DTYPES.get(want, d) != d), None)
+    if other and not force:
+        got = str(other[1]).removeprefix("torch.")
+        raise UnpatchError(f"{patch.label()}: built on a {want} base, but {model_label} holds {got} weights (tensor {other[0]!r}), "
+                           f"so its fingerprint cannot match; load the model with --dtype {want}, or pass --force")
 
 
 def check_shapes(patch: Patch, shapes: dict[str, tuple[int, ...]], model_label: str) -> dict:
@@ -66,35 +96,45 @@ class Applied:
         self.keep_originals = keep_originals
         # parameters, not state_dict keys: a tied lm_head/embedding is one tensor and must change once
         self.params = dict(model.named_parameters())
-        self.originals: dict[str, torch.Tensor] = {}
+        self.originals: dict[str, torch.Tensor | Origin] = {}  # a CPU copy, or where in the base file
         self.entries: list[Entry] = []
-        # hashes of the base tensors, computed once: every change made here is reverted to the
-        # original bytes, so they stay valid (unless someone edits the weights behind our back)
-        self.hashes: dict[str, str] = {}
+        # (algorithm, name) -> hash of the base tensor, computed once: every change made here is
+        # reverted to the original bytes, so they stay valid (unless someone edits the weights behind our back)
+        self.hashes: dict[tuple[str, str], str] = {}
 
-    def base_hashes(self, names) -> dict[str, str]:
-        todo = {n: self.originals.get(n, self.params[n].data) for n in names if n in self.params and n not in self.hashes}
-        self.hashes.update(tensor_hashes(todo))
-        return {n: self.hashes[n] for n in names if n in self.hashes}
+    def _origin(self, name: str) -> Origin | None:
+        o = self.originals.get(name)
+        return o if isinstance(o, Origin) else provenance.origin(self.model, name, self.params[name]) if o is None else None
+
+    def base_hashes(self, names, algo: str = "sha256") -> dict[str, str]:
+        todo = [n for n in names if n in self.params and (algo, n) not in self.hashes]
+        from_file = {n: o for n in todo if (o := self._origin(n)) is not None}
+        got = provenance.hashes(self.model, from_file, algo) if from_file else {}
+        got.update(tensor_hashes({n: self.originals.get(n, self.params[n].data) for n in todo if n not in from_file}, algo))
+        self.hashes.update({(algo, n): h for n, h in got.items()})
+        return {n: self.hashes[(algo, n)] for n in names if (algo, n) in self.hashes}
 
     @torch.no_grad()
     def apply(self, patch: Patch, scale: float = 1.0, force: bool = False) -> Entry:
+        checks.scale(scale, "scale")
         updates = check_shapes(patch, {n: tuple(p.shape) for n, p in self.params.items()}, self.label)
-        forced = check_fingerprint(patch, self.base_hashes(updates), self.label, force)
+        check_dtype(patch, {n: self.params[n].dtype for n in updates}, self.label, force)
+        forced = check_fingerprint(patch, self.base_hashes(updates, patch.manifest.base.hash), self.label, force)
         for name in updates:
             if self.keep_originals and name not in self.originals:
-                self.originals[name] = self.params[name].data.to("cpu", copy=True)
+                # the revert copy only where the base file cannot give the bytes back
+                self.originals[name] = self._origin(name) or self.params[name].data.to("cpu", copy=True)
         done = []
         try:
             for name, u in updates.items():
-                u.add_to(self.params[name].data, scale)
+                u.add_to(self.params[name], scale)  # on the parameter, not .data: bumps its version (provenance)
                 done.append(name)
         except BaseException:  # never leave the model half-patched: back to the state before this call
             if self.keep_originals:
                 self._reset(list(self.entries))
             else:  # no copy to restore from: take the finished updates off arithmetically
                 for name in done:
-                    updates[name].add_to(self.params[name].data, -scale)
+                    updates[name].add_to(self.params[name], -scale)
             raise
         entry = Entry(patch, scale, forced)
         self.entries.append(entry)
@@ -117,11 +157,21 @@ class Applied:
 
     def _reset(self, keep: list[Entry]) -> bool:
         """Copy the original bytes back, verify them, then re-apply `keep` in order."""
+        for o in {id(o.st): o for o in self.originals.values() if isinstance(o, Origin)}.values():
+            o.check()  # before anything is written: a changed base file leaves the model as it was
+        buffers = Buffers(1)  # each original is copied into its parameter before the next is read
         for name, original in self.originals.items():
-            self.params[name].data.copy_(original)
-        restored = tensor_hashes({n: self.params[n].data for n in self.originals})
-        verified = all(restored.get(n, self.hashes.get(n)) == h
-                       for e in self.entries if not e.forced for n, h in e.patch.manifest.base.tensors.items())
+            param = self.params[name]
+            param.copy_(original.read(buffers) if isinstance(original, Origin) else original)
+            if isinstance(original, Origin):
+                provenance.restored(self.model, name, param)
+        verified = True
+        for algo in {e.patch.manifest.base.hash for e in self.entries if not e.forced}:
+            # bytes read back from an unchanged file hash to its cached hashes; copies are re-hashed
+            restored = tensor_hashes({n: self.params[n].data for n, o in self.originals.items() if not isinstance(o, Origin)}, algo)
+            restored.update(self.base_hashes([n for n, o in self.originals.items() if isinstance(o, Origin)], algo))
+            verified &= all(restored.get(n, self.hashes.get((algo, n))) == h for e in self.entries
+                            if not e.forced and e.patch.manifest.base.hash == algo for n, h in e.patch.manifest.base.tensors.items())
         self.originals.clear()
         self.entries = []
         for e in keep:
@@ -137,3 +187,6 @@ def _matches(patch: Patch, key: Patch | str) -> bool:
     if isinstance(key, Patch):
         return patch is key or (bool(patch.patch_id) and patch.patch_id == key.patch_id)
     return key in (patch.name, str(patch.path), patch.path.name if patch.path else None)
+
+
+__import__("unpatch")._callable(__name__)  # `unpatch.apply(...)` is the Python API's apply (unpatch/__init__.py)

@@ -4,7 +4,9 @@ Two things routinely happen to released weights: they get quantised, and they ge
 Unlearning that is only a thin layer over the weights can be undone by either (rounding erases a
 small delta; a few benign gradient steps pull the model back to the base's behaviour). The audit
 applies the patch, then measures forget-set and retain-set NLL after
-  (a) round-to-nearest weight quantisation at 8 and 4 bits (simulated: quantise, dequantise), and
+  (a) weight quantisation at 8 and 4 bits: real GGUF Q8_0 / Q4_0 round trips (the `gguf` package's
+      llama.cpp arithmetic) where the tensor allows, else simulated round-to-nearest; the report's
+      settings.quantisation says which, per stage, and
   (b) a few steps of plain causal-LM fine-tuning on retain data (AdamW),
 beside the base and the freshly patched model. `forgetting_kept` = (forget NLL of a stage − base)
 / (patched − base): 1 = all of the patch's effect on the forget set survives, 0 = all of it is gone.
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import progress
 from .apply import Applied
 from .atomic import atomic_write_text
 from .data import Batches, load_texts
@@ -82,6 +85,48 @@ def quantise_(model: torch.nn.Module, bits: int) -> float:
         worst = max(worst, (q.float() - w.data.float()).abs().max().item())
         w.data.copy_(q)
     return worst
+
+
+# GGUF block formats whose round trip the `gguf` package implements: the real llama.cpp arithmetic
+GGUF_QUANTS = {8: "Q8_0", 4: "Q4_0"}
+_GGUF_BLOCK = 32  # Q8_0 / Q4_0 quantise blocks of 32 along a row
+
+
+def gguf_roundtrip(weight: torch.Tensor, bits: int, in_dim: int = 1) -> torch.Tensor | None:
+    """`weight` quantised to GGUF Q8_0 / Q4_0 and back (gguf.quants, as llama.cpp stores it: blocks
+    of 32 along the input dimension, one fp16 scale each), or None where that is not possible
+    (another bit width, a row length not a multiple of 32, or no `gguf` package)."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize, quantize
+    except ImportError:
+        return None
+    name = GGUF_QUANTS.get(bits)
+    w = weight.detach().to("cpu", torch.float32)
+    w = w.T if in_dim == 0 else w  # GPT-2's Conv1D stores (in, out): rows must run along the input
+    if name is None or w.dim() != 2 or w.shape[-1] % _GGUF_BLOCK:
+        return None
+    qtype = getattr(GGMLQuantizationType, name)
+    back = torch.from_numpy(dequantize(quantize(w.contiguous().numpy(), qtype), qtype).reshape(w.shape))
+    back = back.T if in_dim == 0 else back
+    return back.to(weight.device, weight.dtype)
+
+
+def quantise_auto_(model: torch.nn.Module, bits: int) -> tuple[float, str]:
+    """Real GGUF round trips (Q8_0 at 8 bits, Q4_0 at 4) where gguf supports the tensor, simulated
+    per-channel RTN (`rtn`) for the rest, in place; returns (largest change, what was done)."""
+    worst, real, sim = 0.0, 0, 0
+    for w, in_dim in linear_weights(model).values():
+        q = gguf_roundtrip(w.data, bits, in_dim)
+        if q is None:
+            q, sim = rtn(w.data, bits, in_dim), sim + 1
+        else:
+            real += 1
+        worst = max(worst, (q.float() - w.data.float()).abs().max().item())
+        w.data.copy_(q)
+    parts = ([f"GGUF {GGUF_QUANTS[bits]} round trip (gguf.quants) of {real} tensors"] if real else []) \
+        + ([f"simulated per-channel RTN of {sim} tensors"] if sim else [])
+    return worst, "; ".join(parts) or "no linear weights"
 
 
 # ---------------------------------------------------------------- metrics and fine-tuning
@@ -144,24 +189,31 @@ def audit_model(model, tokenizer, patch: Patch, forget: list[str], retain: list[
     if bad:  # before any model work
         raise UnpatchError(f"audit: {bad[0]}")
     model.eval()
-    stages: dict[str, dict[str, Any]] = {"base": metrics(model)}
-    applied = Applied(model, "the audited model")  # keeps the original bytes: reverted at the end
-    forced = applied.apply(patch, scale, force=force).forced
-    try:
-        stages["patched"] = metrics(model)
-        work = copy.deepcopy(model)  # the variants change every weight; the patched model stays as it is
-        for b in bits:
-            _copy_params(model, work)
-            err = quantise_(work, b)
-            stages[f"int{b}"] = {**metrics(work), "max_weight_change": err}
-        if steps > 0:
-            _copy_params(model, work)
-            torch.manual_seed(seed)  # dropout masks
-            finetune_(work, Batches.from_texts(retain, tokenizer, max_length, batch_size, seed, "audit retain data"), steps, lr)
-            stages["finetune"] = {**metrics(work), "max_weight_change": _max_change(model, work)}
-        del work
-    finally:
-        applied.revert()
+    with progress.task("audit", 2 + len(bits) + (steps > 0), unit="stages") as bar:
+        bar.update(status="base")
+        stages: dict[str, dict[str, Any]] = {"base": metrics(model)}
+        how: dict[str, str] = {}  # per stage: real GGUF round trip or simulated
+        bar.advance(status="patched")
+        applied = Applied(model, "the audited model")  # keeps the original bytes: reverted at the end
+        forced = applied.apply(patch, scale, force=force).forced
+        try:
+            stages["patched"] = metrics(model)
+            work = copy.deepcopy(model)  # the variants change every weight; the patched model stays as it is
+            for b in bits:
+                bar.advance(status=f"int{b}")
+                _copy_params(model, work)
+                err, how[f"int{b}"] = quantise_auto_(work, b)
+                stages[f"int{b}"] = {**metrics(work), "max_weight_change": err}
+            if steps > 0:
+                bar.advance(status=f"fine-tune, {steps} steps")
+                _copy_params(model, work)
+                torch.manual_seed(seed)  # dropout masks
+                finetune_(work, Batches.from_texts(retain, tokenizer, max_length, batch_size, seed, "audit retain data"), steps, lr)
+                stages["finetune"] = {**metrics(work), "max_weight_change": _max_change(model, work)}
+            bar.advance(status="done")
+            del work
+        finally:
+            applied.revert()
     gap = stages["patched"]["forget_nll"] - stages["base"]["forget_nll"]
     for name, row in stages.items():
         if name != "base":  # undefined when the patch does not move the forget NLL at all
@@ -171,8 +223,10 @@ def audit_model(model, tokenizer, patch: Patch, forget: list[str], retain: list[
             if isinstance(v, float) and not math.isfinite(v):
                 raise UnpatchError(f"audit: {k} is {v}; the patched model is numerically broken at this --scale")
     return {"stages": stages,
-            "settings": {"scale": scale, "forced": forced, "bits": list(bits), "quantisation": "per-output-channel absmax symmetric RTN of "
-                         "every 2-D linear weight except the output head, dequantised to the model dtype",
+            "settings": {"scale": scale, "forced": forced, "bits": list(bits), "quantisation": how,
+                         "quantised": "every 2-D linear weight except the output head, dequantised to the model dtype; "
+                         "GGUF Q8_0/Q4_0 where the gguf package round-trips the tensor, else per-output-channel absmax "
+                         "symmetric RTN (simulated)",
                          "finetune": {"steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": "AdamW",
                                       "loss": "causal LM on retain data", "seed": seed},
                          "max_length": max_length,
@@ -226,8 +280,14 @@ def audit(patch: Patch, model: str | None = None, *, forget: str | None = None, 
     result = audit_model(m, tok, patch, forget_texts, retain_texts, **options)
     report = {"format": "unpatch-audit", "version": 1, "created": now(), "patch": {"name": patch.name, "id": patch.patch_id},
               "model": ref.id, "data": data, **result}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    if patch.path is not None and target.resolve() == (Path(patch.path) / AUDIT_FILE).resolve():
+        from .card import rewrite_patch
+
+        rewrite_patch(patch.path, files={AUDIT_FILE: text.encode()})  # audit.json and the card that shows it, in one swap
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, text)
     return report, target
 
 

@@ -8,6 +8,7 @@ resumed from a checkpoint equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_out_path
-from .build_eval import build_info, build_plan, evaluate_built, overlap_notes
+from .atomic import claim
+from .build_eval import build_info, build_plan, evaluate_built, existing_out_message, overlap_notes, resume_evaluation
 from .data import Data, load_data
 from .distributed import device_for, engine
 from .errors import UnpatchError
@@ -28,25 +29,30 @@ from .methods import Context, get_method
 from .methods.loop import fp32_masters, gathered_state
 from .model import dtype_name, load_model, model_revision
 from .patch import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
-from .recipe import Recipe, load_recipe
-
-# default LoRA / delta targets: the attention and MLP projections of each family
-TARGET_DEFAULTS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-}
+from .recipe import Recipe, as_recipe
+from .targets import choose_targets, default_targets, target_weights, wrap_lora  # noqa: F401 (default_targets: re-exported)
 
 
-def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: bool = False, overrides: Sequence[str] = (),
+def build(recipe_path: str | Path | Recipe | dict, out: str | Path | None = None, overwrite: bool = False, overrides: Sequence[str] = (),
           resume: bool = False, *, on_step: Callable[[int, dict[str, float]], None] | None = None, run_eval: bool = True) -> Patch:
     """Build the patch a recipe describes into `out` (default `patches/<patch.name>`) and return
-    it as saved. `overrides` are `key.path=value` strings; `resume` continues from `<out>.ckpt/`.
+    it as saved. `overrides` are `key.path=value` strings; `resume` continues from `<out>.ckpt/`,
+    or, when `out` is already written (a kill came during the evaluation), only evaluates it.
     Under torchrun / accelerate launch every rank trains its share and rank 0 writes; the other
     ranks return the patch it wrote (None if it is on another machine's disk)."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = as_recipe(recipe_path, overrides)  # a YAML path, a Recipe or a dict
     out = Path(out) if out is not None else Path("patches") / recipe.patch.name
-    check_out_path(out, overwrite)  # before anything expensive
+    # rank 0 claims --out for the whole build (a concurrent writer fails now, an unwritable folder
+    # too), before anything expensive; a killed run's temporaries beside it are removed
+    with claim(out) if engine(recipe.model.device).main else contextlib.nullcontext():
+        if resume and out.exists() and not overwrite:
+            return resume_evaluation(recipe, out, run_eval)
+        if out.exists() and not overwrite:
+            raise UnpatchError(existing_out_message(out, recipe))
+        return _build(recipe, out, overwrite, resume, on_step, run_eval)
+
+
+def _build(recipe: Recipe, out: Path, overwrite: bool, resume: bool, on_step, run_eval: bool) -> Patch:
     eng = engine(recipe.model.device)  # under torchrun / accelerate launch: this process's rank
     if eng.world > 1:
         eng.log(eng.describe())
@@ -59,10 +65,15 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
     model, tokenizer, ref = load_model(m.id, device_for(eng, m.device), m.dtype, m.revision, m.trust_remote_code)
     model.requires_grad_(False)
     base_dtype = dtype_name(next(model.parameters()).dtype)
-    targets = list(recipe.patch.target_modules or default_targets(model, where))
+    targets = choose_targets(model, recipe.patch.target_modules, where).names
+    learned = None
+    if recipe.learn is not None:  # learn, then forget: the unlearning patch is trained on base + a learn patch
+        from .learn import learn_stage
+
+        model, learned = learn_stage(model, tokenizer, ref, recipe, data, targets, out, overwrite, resume, eng.world)
     torch.manual_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random
     if recipe.patch.kind == "lora":
-        model, originals = _wrap_lora(model, recipe, targets, where)
+        model, originals = wrap_lora(model, recipe, targets, where)
         hashes = {n: tensor_sha256(t) for n, t in originals.items()}  # frozen: still the originals after training
         originals = {}
     else:
@@ -71,6 +82,8 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
         hashes = {n: tensor_sha256(t) for n, t in originals.items()}
         for p in live.values():
             p.requires_grad_(True)
+    if learned is not None:  # the ORIGINAL base's: applied on the base together with the learn patch
+        hashes = learned.base_hashes(hashes)
 
     ckpt = out.with_name(out.name + ".ckpt")
     ctx = Context(model, tokenizer, recipe, spec.config.model_validate(recipe.method.params), data,
@@ -87,7 +100,7 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
         from peft.utils import get_peft_model_state_dict
 
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(model, state_dict=gathered_state(model)).items()}
-        lora_config = lora_config_dict(model.peft_config["default"], ref.id)
+        lora_config = lora_config_dict(model.peft_config["default"], adapter_base(ref))
         # the built-in coefficient is folded into alpha, so peft loads the patch exactly as built
         lora_config.update(lora_alpha=recipe.patch.alpha * coefficient, inference_mode=True)
     else:
@@ -104,14 +117,30 @@ def build(recipe_path: str | Path, out: str | Path | None = None, overwrite: boo
         coefficient=coefficient, method={"name": spec.name, "params": dict(recipe.method.params)},
         recipe_sha256=recipe.sha256, versions=library_versions(), notes=_notes(spec.display, result) + overlap_notes(recipe, plan),
         metrics={"build": build_info(recipe, data, time.perf_counter() - t0, model)},
+        lineage=learned.lineage() if learned is not None else [],
     )
     saved = save_patch(Patch(manifest, tensors, lora_config=lora_config, encodings=encodings, shapes=shapes, recipe_text=recipe.text),
                        out, overwrite)
     eng.barrier()  # the other ranks may read it now
     shutil.rmtree(ckpt, ignore_errors=True)  # the patch is whole: the checkpoint has served
-    if plan is not None:  # before/after metrics for the manifest and card, on the model already loaded
+    if plan is not None and learned is not None:  # base / learned / forgotten
+        from .learn import evaluate_learned
+
+        saved = evaluate_learned(saved, model, originals, tokenizer, plan, learned)
+    elif plan is not None:  # before/after metrics for the manifest and card, on the model already loaded
         saved = evaluate_built(saved, model if eng.world == 1 else None, originals, tokenizer, plan)
     return saved
+
+
+def adapter_base(ref) -> str:
+    """adapter_config.json's base_model_name_or_path: for an alias or .gguf, the Hub id its
+    metadata names (so AutoPeftModelForCausalLM finds a loadable base; the fingerprint in
+    unpatch.json still names the exact weights), else the base as given."""
+    if ref.kind in ("alias", "gguf"):
+        from .hubmeta import gguf_source
+
+        return gguf_source(ref.path)["hub_id"] or ref.id
+    return ref.id
 
 
 def sparsify(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[int]]]:
@@ -126,55 +155,6 @@ def sparsify(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         else:
             tensors[n], encodings[n] = d, "dense"
     return tensors, encodings, shapes
-
-
-# ------------------------------------------------------------------------------ targets
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed Linear
-
-
-def default_targets(model, where: str = "recipe") -> list[str]:
-    """The attention + MLP projections, by model family (or by best overlap for unknown ones)."""
-    leaves = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod)}
-    family = TARGET_DEFAULTS.get(getattr(model.config, "model_type", ""))
-    if family is None or not set(family) & leaves:
-        family = max(TARGET_DEFAULTS.values(), key=lambda fam: len(set(fam) & leaves))
-    chosen = [t for t in family if t in leaves]
-    if not chosen:
-        raise UnpatchError(f"{where}: patch.target_modules: cannot guess the projections of this architecture; "
-                           f"list them (its linear layers: {', '.join(sorted(leaves)) or 'none'})")
-    return chosen
-
-
-def target_weights(model, targets: Sequence[str], where: str = "recipe") -> dict[str, torch.nn.Parameter]:
-    """`.weight` parameters of the modules peft would target (name == t or ends with '.t'),
-    named as in `named_parameters()` (a tied weight under its first name)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    found = {}
-    for name, mod in model.named_modules():
-        if _is_linear(mod) and any(name == t or name.endswith("." + t) for t in targets):
-            found[names[id(mod.weight)]] = mod.weight
-    if not found:
-        raise UnpatchError(f"{where}: patch.target_modules: none of {', '.join(targets)} is a linear layer of {type(model).__name__}")
-    return dict(sorted(found.items()))
-
-
-def _wrap_lora(model, recipe: Recipe, targets: list[str], where: str):
-    """peft LoRA over the targets; returns (peft model, {base weight name: its tensor})."""
-    from peft import LoraConfig, get_peft_model
-
-    conv1d = any(type(mod).__name__ == "Conv1D" for _, mod in model.named_modules())
-    cfg = LoraConfig(r=recipe.patch.rank, lora_alpha=recipe.patch.alpha, target_modules=targets, lora_dropout=0.0,
-                     task_type="CAUSAL_LM", init_lora_weights=True, fan_in_fan_out=conv1d)
-    try:
-        peft_model = get_peft_model(model, cfg)
-    except ValueError as e:
-        raise UnpatchError(f"{where}: patch.target_modules: {str(e).splitlines()[0]}") from e
-    inner = peft_model.base_model.model
-    originals = {f"{m}.weight": inner.get_submodule(m).get_base_layer().weight.detach() for m in peft_model.targeted_module_names}
-    return peft_model, dict(sorted(originals.items()))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -193,3 +173,6 @@ def _notes(display: str, result) -> list[str]:
     keys = [k for k in (h[0] if h else {}) if k != "loss"] or ["loss"]  # method metrics say more than the raw loss
     moves = ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys if h and k in h[-1])
     return [f"{display}: {result.steps} steps" + (f"; {moves}" if moves else "")] + list(result.notes)
+
+
+__import__("unpatch")._callable(__name__)  # `unpatch.build(...)` is the Python API's build (unpatch/__init__.py)

@@ -3,6 +3,7 @@ itself (wall time, hardware, data by hash), and base vs the new patch on the mod
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .errors import UnpatchError
@@ -39,7 +40,8 @@ def build_plan(recipe) -> tuple[list[str], dict[str, dict[str, Any]]]:
             path = recipe.base_dir / src.source
             given = {"source": str(path.resolve()) if path.exists() else src.source, "column": src.column,
                      "limit": src.limit, "chunk_words": src.chunk_words}
-            options[m].update({k: v for k, v in given.items() if v is not None and k in _parameters(m)})
+            mine = recipe.eval.options.get(m, {})  # an option the recipe sets for this metric wins over the data section's
+            options[m].update({k: v for k, v in given.items() if v is not None and k in _parameters(m) and k not in mine})
     return names, options
 
 
@@ -80,7 +82,20 @@ def build_info(recipe, data, seconds: float, model) -> dict[str, Any]:
         if items:
             digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
             roles[role] = {"source": getattr(recipe.data, role).source, "items": len(items), "sha256": digest}
-    return {"seconds": round(seconds, 3), "hardware": hardware(model), "data": roles}
+    from .hubmeta import base_source
+
+    # the Hub id / licence the base comes from (a GGUF's metadata names them), for the card's front
+    # matter: recorded now, because the card may be rewritten where the GGUF is not installed
+    return {"seconds": round(seconds, 3), "hardware": hardware(model), "data": roles, "base_source": base_source(recipe.model.id),
+            "settings_sha256": settings_sha256(recipe)}
+
+
+def settings_sha256(recipe) -> str:
+    """The validated recipe (overrides included, the checkpoint interval excepted: it does not change
+    the result): what `build --resume` checks a finished patch against before evaluating it."""
+    import hashlib
+
+    return hashlib.sha256(recipe.model_dump_json(exclude={"train": {"checkpoint_every"}}).encode()).hexdigest()
 
 
 def evaluate_built(saved: Patch, model, originals: dict[str, Any], tokenizer, plan) -> Patch:
@@ -111,8 +126,58 @@ def evaluate_built(saved: Patch, model, originals: dict[str, Any], tokenizer, pl
     model.requires_grad_(False)
     names, options = plan
     try:
-        results = evaluate(model, tokenizer, [Variant("base"), Variant(saved.name, ((saved, 1.0),))], names, options)
+        results = evaluate(model, tokenizer, [Variant("base"), Variant(saved.name, ((saved, 1.0),))], names, options,
+                           progress_desc="build: evaluating base vs patch")
     except UnpatchError as e:  # the training is not lost: say where it is
         raise UnpatchError(f"{e} (the patch itself is saved in {saved.path}, without metrics; measure it with "
                            f"`unpatch eval --patch {saved.path}` once fixed, or build with --no-eval)") from e
     return rewrite_patch(saved.path, {"eval": results})
+
+
+# ------------------------------------------------------------------------------ an interrupted build
+
+
+def _manifest_of(out: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        raw = json.loads((Path(out) / "unpatch.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def existing_out_message(out: Path, recipe) -> str:
+    """The refusal for a build whose --out exists: if it is this recipe's patch whose evaluation a
+    kill cut short, say to add --resume (which finishes it without training again)."""
+    raw = _manifest_of(out)
+    metrics = raw.get("metrics") if raw else None
+    if isinstance(metrics, dict) and "eval" not in metrics and (metrics.get("build") or {}).get("settings_sha256") == settings_sha256(recipe):
+        return (f"{out}: already exists, built from this recipe but its evaluation did not finish; rerun with --resume to "
+                "finish it (no training again), or pass --overwrite to rebuild")
+    return f"{out}: already exists; choose another --out or pass --overwrite"
+
+
+def resume_evaluation(recipe, out: Path, run_eval: bool) -> Patch:
+    """`build --resume` where the patch is already written (a kill came during the evaluation, or
+    after): check it is this recipe's, evaluate it on a fresh base load, finish manifest and card.
+    The payload is not touched (card.rewrite_patch links it), so its bytes are those an
+    uninterrupted build writes. A finished patch is returned as it is."""
+    import shutil
+
+    from .patch import load_patch
+
+    saved = load_patch(out)  # hashes and tensors checked: a damaged patch fails here, in one line
+    build = saved.manifest.metrics.get("build") or {}
+    if build.get("settings_sha256") != settings_sha256(recipe):
+        raise UnpatchError(f"{out}: already exists and was not built from this recipe with these settings, so --resume cannot "
+                           "finish it; choose another --out or pass --overwrite to rebuild")
+    if run_eval and "eval" not in saved.manifest.metrics:
+        if recipe.learn is not None:  # base / learned / forgotten, the learn patch read back from <out>-learn
+            from .learn import evaluate_learned_fresh
+
+            saved = evaluate_learned_fresh(saved, out, build_plan(recipe))
+        else:
+            saved = evaluate_built(saved, None, {}, None, build_plan(recipe))
+    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)  # a kill right after the write leaves it
+    return saved

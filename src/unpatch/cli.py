@@ -15,14 +15,29 @@ from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from . import checks, progress
 from .errors import UnpatchError
 
 app = typer.Typer(help="Build, apply, stack and revert unlearning patches for causal language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+console = progress.console()  # off a terminal: no wrapping of paths / JSON in logs
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"unpatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Build, apply, stack and revert unlearning patches for causal language models."""
 
 # options shared by several commands, declared once
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")]
@@ -34,7 +49,8 @@ Dtype = Annotated[str, typer.Option("--dtype", help="float32 (default), bfloat16
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled .bin/.pt payloads (they can run code).")]
 
 
-def _load(path: str, allow_pickle: bool = False):
+def _load(path: str, allow_pickle: bool | None = None):
+    """None: the command has no --allow-pickle (a refusal then does not suggest it)."""
     from .hub import resolve_patch
 
     return resolve_patch(path, allow_pickle=allow_pickle)  # a folder, or a Hub id (owner/name[@rev])
@@ -93,19 +109,26 @@ def build(
 
 @app.command()
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe to check without running it.")],
+    recipes: Annotated[list[Path], typer.Argument(help="YAML recipe(s) to check without running them (e.g. recipes/paper/*.yaml).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.steps=20")] = None,
 ):
-    """Check a recipe (keys, types, method parameters, data sources) without building."""
+    """Check recipes (keys, types, method parameters, data sources) without building; stops at the first bad one."""
     from .build_eval import build_plan
     from .data import load_data
+    from .model import resolve_model
     from .recipe import load_recipe
 
-    r = load_recipe(recipe, set_ or [])
-    data = load_data(r)
-    build_plan(r)  # metric names and options of the eval section
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in vars(data).items() if v)
-    console.print(f"{recipe}: ok ({r.method.name}, {r.patch.kind}, {r.train.steps} steps; data: {sizes or 'none'})")
+    for recipe in recipes:
+        r = load_recipe(recipe, set_ or [])
+        try:  # a folder must exist and hold config.json, an alias its package; a Hub id is checked for form only (offline)
+            resolve_model(r.model.id, r.model.revision)
+        except UnpatchError as e:
+            raise UnpatchError(f"{recipe}: model.id: {e}") from None
+        data = load_data(r)
+        build_plan(r)  # metric names and options of the eval section
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in vars(data).items() if v)
+        learn = f"; learn {r.learn.steps} steps first" if r.learn is not None else ""
+        console.print(f"{recipe}: ok ({r.method.name}, {r.patch.kind}, {r.train.steps} steps{learn}; data: {sizes or 'none'})")
 
 
 @app.command()
@@ -133,9 +156,11 @@ def apply(
     device: Device = "auto",
     dtype: Dtype = "float32",
     prompt: Annotated[str | None, typer.Option("--prompt", help="Without --out: show base vs patched greedy continuations.")] = None,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="With --prompt: send it as raw text, not as a user turn of the tokenizer's chat template.")] = False,
     allow_pickle: AllowPickle = False,
 ):
     """Apply patches: write a merged model folder with --out, or try them in memory."""
+    scale = checks.scales(scale, "--scale")  # before any work: a NaN scale writes an all-NaN model
     loaded = [_load(p, allow_pickle) for p in patches]
     pairs = list(zip(loaded, _scales(scale or [], len(loaded)), strict=True))
     model = model or loaded[0].manifest.base.id
@@ -151,21 +176,30 @@ def apply(
     from .apply import Applied
     from .model import load_model
 
-    m, tok, ref = load_model(model, device=device, dtype=dtype)
-    before = _continue(m, tok, prompt) if prompt else None
+    m, tok, ref = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    chat = not no_chat_template
+    before = _continue(m, tok, prompt, chat=chat) if prompt else None
     applied = Applied(m, f"model {ref.id}", keep_originals=False)  # one-shot: nothing to revert to
     for p, s in pairs:
         e = applied.apply(p, s, force=force)
         console.print(f"applied {p.label()} × {s:g} to {len(p.updates())} tensors" + (" [yellow](forced)[/]" if e.forced else ""))
     if prompt:
-        console.print(f"[bold]base:[/]    {before}\n[bold]patched:[/] {_continue(m, tok, prompt)}", highlight=False)
+        console.print(f"[bold]base:[/]    {before}\n[bold]patched:[/] {_continue(m, tok, prompt, chat=chat)}", highlight=False)
     else:
         console.print("[dim]in memory only: pass --out DIR to write the merged model, or --prompt TEXT to try it[/]")
 
 
-def _continue(model, tok, prompt: str, tokens: int = 30) -> str:
+def _continue(model, tok, prompt: str, tokens: int = 30, chat: bool = True) -> str:
+    """Greedy continuation; an instruct model's tokenizer has a chat template, and then the prompt
+    goes in as a user turn (what the model was tuned on) unless `chat` is False."""
     import torch
 
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            gen = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return f"{prompt} -> " + tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     ids = tok(prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         gen = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -187,7 +221,7 @@ def revert(
     if r["mode"] == "exact":
         console.print(f"reverted into {where}: bit-exact from the base; fingerprint {'verified' if r['verified'] else 'NOT verified'}")
     else:
-        console.print(f"[yellow]reverted into {where} arithmetically[/] ({r['reason']}); largest deviation {r['max_deviation']:.3g}; "
+        console.print(f"[yellow]reverted into {where} arithmetically[/] ({r['reason']}); deviation from the base at most {r['max_deviation']:.3g} (float rounding bound); "
                       f"fingerprint {'matches' if r['verified'] else 'does not match'} the base")
 
 
@@ -204,6 +238,7 @@ def stack(
     from .patch import save_patch
 
     out = _need_out(out, "stack")
+    coef = checks.scales(coef, "--coef")
     loaded = [_load(p) for p in patches]
     result = stack_patches(list(zip(loaded, _scales(coef or [], len(loaded), "--coef"), strict=True)), name or out.name)
     saved = save_patch(result, out, overwrite)
@@ -221,6 +256,7 @@ def scale_cmd(
     from .ops import scale_patch
     from .patch import save_patch
 
+    factor = checks.scale(factor, "--factor")
     saved = save_patch(scale_patch(_load(patch), factor), _need_out(out, "scale"), overwrite)
     console.print(f"wrote {saved.path} (coefficient {saved.manifest.coefficient:g})")
 
@@ -248,6 +284,8 @@ def convert(
     from .ops import delta_to_lora, lora_to_delta, module_types_of
     from .patch import save_patch
 
+    if to == "lora":
+        checks.rank(rank, "--rank")
     p = _load(patch)
     out = _need_out(out, "convert")
     if to == "delta":
@@ -262,14 +300,20 @@ def convert(
 
 
 @app.command()
-def inspect(patch: Annotated[str, typer.Argument()], as_json: Annotated[bool, typer.Option("--json")] = False):
+def inspect(patch: Annotated[str, typer.Argument()],
+            as_json: Annotated[Path | None, typer.Option("--json", help="Write the full info as JSON to this file (- for stdout), as eval and sweep do.")] = None):
     """Show a patch's manifest, tensors, sizes and norms."""
     from .ops import inspect_patch
 
     info = inspect_patch(_load(patch))
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
+    if as_json is not None:
+        if str(as_json) == "-":
+            print(json.dumps(info, indent=2))
+            return
+        from .atomic import atomic_write_text
+
+        atomic_write_text(as_json, json.dumps(info, indent=2) + "\n")
+        console.print(f"wrote {as_json}")
     console.print(f"[bold]{info['name']}[/] kind={info['kind']} base={info['base']} coefficient={info['coefficient']:g} "
                   f"method={info['method'].get('name', '-')} id={info['patch_id'][:12]} bytes={info['bytes_on_disk']}")
     table = Table("tensor", "encoding", "stored", "bytes", "‖Δ‖")
@@ -287,17 +331,45 @@ def verify(patch: Annotated[str, typer.Argument()], model: ModelOpt = None):
     p = _load(patch)
     updates = p.updates()
     console.print(f"{p.label()}: intact ({p.kind}, {len(updates)} tensors, id {p.patch_id[:12]})")
+    if p.path is not None:  # a killed writer's leftovers beside it: named, so nobody wonders where the disk went
+        from .atomic import stale_temporaries
+
+        for left in stale_temporaries(p.path):
+            console.print(f"[yellow]warning:[/] {left}: left by an interrupted write of {p.path.name}; the next command writing "
+                          f"{p.path.name} removes it, or delete it yourself", highlight=False, soft_wrap=True)
     if model:
         check_against(p, Checkpoint(checkpoint_folder(resolve_model(model))), f"model {model}")
         console.print(f"matches base {model} (fingerprint {p.manifest.base.fingerprint[:16]})")
 
 
 # more commands live in their own modules (one per concern); importing them registers them on `app`
-from . import cli_eval, cli_share  # noqa: E402,F401  eval, sweep, card, metrics; push, pull
+from . import cli_eval, cli_help, cli_import, cli_share  # noqa: E402,F401  eval, sweep, card, metrics; import; push, pull
+
+cli_help.attach(app)  # examples in every --help: after every command is registered
+
+
+def _click_types(name: str) -> tuple[type, ...]:
+    import typer._click.exceptions as bundled
+    import typer.exceptions as typer_exc
+
+    return tuple({getattr(m, name) for m in (bundled, typer_exc, click.exceptions) if hasattr(m, name)})
+
+
+_USAGE = _click_types("ClickException")
+_EXIT = _click_types("Exit")
+_ABORT = _click_types("Abort")
+
+
+def _usage_line(e: Exception) -> str:
+    """click's message on one line, with the command to ask for help (click prints usage + 2 lines)."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    return f"{msg} (see `{ctx.command_path} --help`)" if ctx is not None else msg
 
 
 def main() -> None:
     debug = os.environ.get("UNPATCH_DEBUG") == "1"
+    progress.quiet_third_party()  # before transformers / huggingface_hub are imported: their bars stay off
     # peft probes a property transformers 5 deprecates; the warning says nothing a user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
@@ -307,10 +379,16 @@ def main() -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _USAGE as e:  # typer >= 0.26 raises its own bundled click's exceptions, older ones click's
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `unpatch`: typer has printed the help already
+            if e.format_message().strip():
+                print(e.format_message(), file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {_usage_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code or 2)
+    except _EXIT as e:  # --version, --help under standalone_mode=False
+        sys.exit(getattr(e, "exit_code", 0))
+    except (*_ABORT, KeyboardInterrupt):
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # a bug, not bad input: still one line unless debugging

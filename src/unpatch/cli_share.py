@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from . import checks
 from .cli import Device, Dtype, Force, ModelOpt, app, console
 
 
@@ -16,7 +17,7 @@ from .cli import Device, Dtype, Force, ModelOpt, app, console
 def push(
     patch: Annotated[str, typer.Argument(help="Patch folder to upload.")],
     repo: Annotated[str, typer.Option("--repo", help="Hub repo id, owner/name.")],
-    private: Annotated[bool, typer.Option("--private")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private (a flag; existing repos keep their visibility).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
 ):
@@ -32,7 +33,7 @@ def pull(ref: Annotated[str, typer.Argument(help="owner/name[@revision]")]):
     from .hub import pull as hub_pull
     from .patch import load_patch
 
-    p = load_patch(hub_pull(ref))  # checks hashes and tensors, like `verify`
+    p = load_patch(hub_pull(ref), allow_pickle=None)  # checks hashes and tensors, like `verify`
     print(p.path)  # plain print: scripts capture this path
 
 
@@ -58,6 +59,12 @@ def audit(
     from .audit import audit as run_audit
     from .cli import _load
 
+    scale = checks.scale(scale, "--scale")
+    lr = checks.lr(lr, "--lr")
+    for value, flag, lo in ((limit, "--limit", 0), (steps, "--steps", 0), (batch_size, "--batch-size", 1), (max_length, "--max-length", 2)):
+        checks.count(value, flag, lo=lo)
+    for b in bits or ():
+        checks.count(b, "--bits", lo=2, hi=16)
     p = _load(patch)
     report, file = run_audit(p, model, forget=forget, retain=retain, limit=limit or None, out=out, device=device, dtype=dtype,
                              scale=scale, bits=tuple(bits or (8, 4)), steps=steps, lr=lr, batch_size=batch_size,

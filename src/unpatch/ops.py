@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import checks
 from .errors import UnpatchError
 from .fingerprint import combine
 from .patch import BaseRef, Patch, library_versions, lora_config_dict, lora_key, now
@@ -25,6 +26,7 @@ def _lineage(parents: list[tuple[Patch, float]], op: str) -> list[dict[str, Any]
 
 def scale_patch(patch: Patch, factor: float) -> Patch:
     """The same patch with its effect multiplied by `factor`."""
+    checks.scale(factor, "factor")  # a NaN factor would write a patch that no command can load
     m = patch.manifest
     lineage = _lineage([(patch, factor)], "scale")
     if patch.kind == "delta":
@@ -48,11 +50,14 @@ def merged_base(patches: list[Patch]) -> BaseRef:
         b = p.manifest.base
         if b.dtype != first.manifest.base.dtype:
             raise UnpatchError(f"{p.label()}: built on a {b.dtype} base, {first.label()} on {first.manifest.base.dtype}; stack patches of one base")
+        if b.hash != first.manifest.base.hash:  # hashes of two algorithms cannot be compared
+            raise UnpatchError(f"{p.label()}: its base fingerprint is {b.hash}, {first.label()}'s is {first.manifest.base.hash}; "
+                               "stack patches fingerprinted with one algorithm")
         for n, h in b.tensors.items():
             if tensors.setdefault(n, h) != h:
                 raise UnpatchError(f"{p.label()}: its base differs from {first.label()}'s at tensor {n!r}; stack patches of one base")
     return BaseRef(id=first.manifest.base.id, revision=first.manifest.base.revision, dtype=first.manifest.base.dtype,
-                   tensors=tensors, fingerprint=combine(tensors))
+                   tensors=tensors, fingerprint=combine(tensors), hash=first.manifest.base.hash)
 
 
 def _new_patch(kind: str, name: str, base: BaseRef, tensors: dict, lineage: list, method: dict, **kw) -> Patch:
@@ -68,6 +73,8 @@ def stack_patches(items: list[tuple[Patch, float]], name: str = "stack") -> Patc
     to fp32 rounding); otherwise a dense delta."""
     if not items:
         raise UnpatchError("stack: give at least one patch")
+    for _, c in items:
+        checks.scale(c, "coefficient")
     base = merged_base([p for p, _ in items])
     lineage = _lineage(items, "stack")
     if all(p.kind == "lora" for p, _ in items):

@@ -31,8 +31,11 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_dir
+from .checks import regular_file
 from .errors import UnpatchError
 from .fingerprint import combine, file_sha256
+from .hashcache import file_digest, file_key, known, remember
+from .patch_checks import check_base_covers, check_files_cover, check_fingerprint_field, check_lora_config, delta_meta, read_json
 from .safetensors_io import SafetensorsFile
 from .update import LazyTensors, Update, tensor_shape
 
@@ -54,6 +57,9 @@ class BaseRef(BaseModel):
     dtype: str
     tensors: dict[str, str]
     fingerprint: str
+    # the algorithm of `tensors` (fingerprint.tensor_hash); manifests written before the field
+    # existed are sha256, so the default keeps every version-1 patch valid
+    hash: Literal["sha256", "blake3"] = "sha256"
 
 
 class Manifest(BaseModel):
@@ -218,10 +224,7 @@ def _read_manifest(folder: Path) -> Manifest:
     if not file.exists():
         hint = " (it looks like a plain PEFT adapter)" if (folder / LORA_CONFIG).exists() else ""
         raise UnpatchError(f"{folder}: no {MANIFEST}, so not an unpatch patch{hint}; build one with `unpatch build RECIPE`")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UnpatchError(f"{file}: not valid JSON ({e}); re-download or rebuild the patch") from e
+    raw = read_json(file)  # a regular file only: a FIFO named unpatch.json would block here
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise UnpatchError(f"{file}: format is {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -233,28 +236,37 @@ def _read_manifest(folder: Path) -> Manifest:
         raise UnpatchError(f"{file}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
 
 
-def _load_pickled(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _refuse_pickle(file: Path, allow_pickle: bool | None) -> UnpatchError:
+    """allow_pickle None: the command has no --allow-pickle, so the message does not offer it."""
+    hint = ", or pass --allow-pickle if you trust it" if allow_pickle is not None else ""
+    return UnpatchError(f"{file}: pickled checkpoints can run code when loaded and are refused; convert it to safetensors{hint}")
+
+
+def _load_pickled(folder: Path, allow_pickle: bool | None) -> dict[str, torch.Tensor]:
     found = sorted(p for p in folder.iterdir() if p.suffix in PICKLED)
     if not found:
         return {}
+    regular_file(found[0])
     if not allow_pickle:
-        raise UnpatchError(f"{found[0]}: pickled checkpoints can run code when loaded and are refused; convert it to safetensors, or pass --allow-pickle if you trust it")
+        raise _refuse_pickle(found[0], allow_pickle)
     return torch.load(found[0], map_location="cpu", weights_only=True)
 
 
-def load_patch(path: str | Path, allow_pickle: bool = False) -> Patch:
+def load_patch(path: str | Path, allow_pickle: bool | None = False) -> Patch:
     """Load and check a patch folder: manifest version, file hashes, safetensors integrity, finiteness."""
     p = Path(path)
     if p.is_file():
         if p.suffix in PICKLED and not allow_pickle:
-            raise UnpatchError(f"{p}: pickled checkpoints can run code when loaded and are refused; convert it to safetensors, or pass --allow-pickle if you trust it")
+            raise _refuse_pickle(p, allow_pickle)
         p = p.parent if p.name == MANIFEST else p
     if not p.is_dir():
         raise UnpatchError(f"{p}: no such patch folder; build one with `unpatch build RECIPE`")
     manifest = _read_manifest(p)
     payload = DELTA_FILE if manifest.kind == "delta" else LORA_FILE
+    check_files_cover(p, manifest.files, [DELTA_FILE] if manifest.kind == "delta" else [LORA_FILE, LORA_CONFIG], MANIFEST)
+    check_fingerprint_field(p, manifest.base, MANIFEST)
     if (p / payload).exists():
-        st = SafetensorsFile(p / payload)
+        st = SafetensorsFile(regular_file(p / payload))
         tensors, metadata = LazyTensors(st), st.metadata
     else:
         tensors, metadata = _load_pickled(p, allow_pickle), {}
@@ -263,19 +275,21 @@ def load_patch(path: str | Path, allow_pickle: bool = False) -> Patch:
     for f, digest in manifest.files.items():
         if f.endswith(".safetensors") and not (p / f).exists():
             continue  # pickled payload explicitly allowed above
-        if not (p / f).exists() or file_sha256(p / f) != digest:
+        if not (p / f).exists() or file_digest(regular_file(p / f)) != digest:  # cached per file identity (hashcache)
             raise UnpatchError(f"{p / f}: content differs from the hash in {MANIFEST} (corrupt or edited); rebuild or re-download the patch")
-    for k in tensors:
-        t = tensors[k]  # one at a time: a full-model delta is never held whole
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UnpatchError(f"{p}: tensor {k!r} contains NaN or Inf; the build diverged, rebuild with a lower learning rate")
-    lora_config = json.loads((p / LORA_CONFIG).read_text()) if manifest.kind == "lora" else None
+    finite_key = file_key(p / payload) if (p / payload).exists() else None
+    if finite_key is None or not known(p / payload, "finite"):
+        for k in tensors:
+            t = tensors[k]  # one at a time: a full-model delta is never held whole
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise UnpatchError(f"{p}: tensor {k!r} contains NaN or Inf; the build diverged, rebuild with a lower learning rate")
+        if finite_key is not None:
+            remember(p / payload, "finite", finite_key)
+    lora_config = check_lora_config(p / LORA_CONFIG, read_json(p / LORA_CONFIG)) if manifest.kind == "lora" else None
     if lora_config and lora_config.get("use_dora"):
         raise UnpatchError(f"{p / LORA_CONFIG}: DoRA adapters are not supported; use plain LoRA")
-    meta = json.loads(metadata.get("unpatch", "{}")) if manifest.kind == "delta" else {}
-    if manifest.kind == "delta" and not meta and any("::" in k for k in tensors):
-        raise UnpatchError(f"{p / DELTA_FILE}: has sparse tensors but no `unpatch` metadata saying how to read them; rebuild the patch")
-    encodings = meta.get("encodings") or ({k: "dense" for k in tensors} if manifest.kind == "delta" else {})
-    shapes = meta.get("shapes", {})
-    recipe = (p / "recipe.yaml").read_text() if (p / "recipe.yaml").exists() else None
-    return Patch(manifest, tensors, lora_config, encodings, shapes, p, recipe)
+    encodings, shapes = delta_meta(p / DELTA_FILE, metadata, tensors) if manifest.kind == "delta" else ({}, {})
+    recipe = regular_file(p / "recipe.yaml").read_text(errors="replace") if (p / "recipe.yaml").exists() else None
+    patch = Patch(manifest, tensors, lora_config, encodings, shapes, p, recipe)
+    check_base_covers(patch, MANIFEST)
+    return patch

@@ -90,6 +90,8 @@ class Plan:
     steps: int = 0
     data: dict[str, int] = field(default_factory=dict)
     fit: str | None = None  # on CUDA: how a micro-batch will be cut to fit the free memory
+    targets: list[str] = field(default_factory=list)  # target_modules as chosen (recipe or family default)
+    targets_why: str = ""  # why those: the recipe, peft's mapping, or the fallback rule
 
     @property
     def seconds(self) -> float | None:
@@ -116,10 +118,10 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .build import default_targets, target_weights
     from .data import load_data
     from .model import resolve_device, resolve_dtype
     from .recipe import load_recipe
+    from .targets import choose_targets, target_weights
 
     r = load_recipe(recipe_path, overrides)
     data = load_data(r)  # bad data fails here, as it would in the build
@@ -129,8 +131,8 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=m.trust_remote_code)
     model.tie_weights()  # init_empty_weights leaves tied embeddings untied: they would count twice
     total = sum(x.numel() for x in model.parameters())
-    targets = list(p.target_modules or default_targets(model, str(r.path)))
-    weights = target_weights(model, targets, str(r.path))
+    chosen = choose_targets(model, p.target_modules, str(r.path))
+    weights = target_weights(model, chosen.names, str(r.path))
     owner = {id(mod.weight): mod for _, mod in model.named_modules() if isinstance(getattr(mod, "weight", None), torch.Tensor)}
     touched = {n: lora_shape(owner[id(w)], w) for n, w in weights.items()}
     if p.kind == "lora":
@@ -174,7 +176,8 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
             fit = f"does not fit: {err}"
     where = str(dev) if dev is not None else f"{m.device} (not on this machine: time not measured)"
     return Plan(str(r.path), m.id, where, str(dt).removeprefix("torch."), world, total, touched, p.kind, p.rank,
-                trainable, patch_bytes, mem, flops_step, measure_flops(dev, dt) if measure and dev is not None else None, t.steps, sizes, fit)
+                trainable, patch_bytes, mem, flops_step, measure_flops(dev, dt) if measure and dev is not None else None, t.steps, sizes, fit,
+                chosen.names, chosen.why)
 
 
 def measure_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -201,9 +204,9 @@ def _size(b: float) -> str:
 
 def render(plan: Plan) -> list[str]:
     """The dry run as printed by `unpatch build --dry-run`."""
-    leaves = Counter(n.rsplit(".", 2)[-2] for n in plan.touched)
-    shapes = {n.rsplit(".", 2)[-2]: s for n, s in plan.touched.items()}
-    what = ", ".join(f"{k} x{c} [{shapes[k][0]}x{shapes[k][1]}]" for k, c in leaves.items())
+    # by leaf name AND shape: GPT-2's c_proj is [768x768] in attention but [768x3072] in the MLP
+    leaves = Counter((n.rsplit(".", 2)[-2], s) for n, s in plan.touched.items())
+    what = ", ".join(f"{k} x{c} [{o}x{i}]" for (k, (o, i)), c in leaves.items())
     kind = f"lora rank {plan.rank}" if plan.kind == "lora" else "delta (fp32; row-sparse storage may make it smaller)"
     per_rank = 4 * sum(o + i for o, i in plan.touched.values())  # fp32 bytes of A and B per unit of rank
     dense = 4 * sum(o * i for o, i in plan.touched.values())
@@ -214,6 +217,7 @@ def render(plan: Plan) -> list[str]:
              f"model    {plan.model}: {plan.total_params:,} parameters, {plan.dtype} on {plan.device}"
              + (f", {plan.world} processes" if plan.world > 1 else ""),
              "data     " + ", ".join(f"{k} {v}" for k, v in plan.data.items()),
+             f"targets  {', '.join(plan.targets)}: {plan.targets_why}",
              f"touches  {len(plan.touched)} tensors: {what}",
              f"patch    {kind}: {plan.trainable:,} parameters, {plan.patch_bytes:,} bytes ({_size(plan.patch_bytes)}) of tensors{other}",
              f"memory   ~{_size(sum(plan.memory.values()))} per process (estimate: {mem})"]

@@ -8,6 +8,7 @@ method's own parameters, validated by the config class the method registered (un
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import typing
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .checks import COUNT_MAX, LR_MAX, RANK_MAX, SCALE_MAX, regular_file
 from .errors import UnpatchError
 from .recipe_errors import did_you_mean as _did_you_mean
 from .recipe_errors import format_error as _format_error
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+# allow_inf_nan=False: YAML reads `.nan` / `.inf` as floats, and a NaN lr trains a NaN patch
+_FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -89,8 +92,8 @@ class MethodSection(BaseModel):
 class PatchSection(BaseModel):
     model_config = _FROZEN
     kind: Literal["lora", "delta"] = "lora"
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(8, gt=0, le=RANK_MAX)
+    alpha: float = Field(16.0, gt=0, le=1e6)
     target_modules: list[str] | None = None  # None: guessed from the architecture at build time
     # the strength the patch ships at (its built-in coefficient, under which --scale 1 applies it);
     # `unpatch sweep` measures which strength keeps perplexity in bounds
@@ -107,8 +110,8 @@ class PatchSection(BaseModel):
     @field_validator("coefficient")
     @classmethod
     def _coefficient(cls, v: float) -> float:
-        if v == 0 or v != v or abs(v) == float("inf"):
-            raise ValueError("must be a finite number other than 0 (0 would ship a patch that does nothing)")
+        if v == 0 or v != v or abs(v) > SCALE_MAX:
+            raise ValueError(f"must be a finite number other than 0, between -{SCALE_MAX:g} and {SCALE_MAX:g} (0 would ship a patch that does nothing)")
         return v
 
     @field_validator("target_modules")
@@ -137,11 +140,11 @@ class EarlyStop(BaseModel):
 
 class TrainSection(BaseModel):
     model_config = _FROZEN
-    steps: int = Field(100, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(128, gt=1)
+    steps: int = Field(100, gt=0, le=COUNT_MAX)
+    lr: float = Field(1e-4, gt=0, le=LR_MAX)
+    batch_size: int = Field(8, gt=0, le=COUNT_MAX)
+    grad_accum: int = Field(1, gt=0, le=COUNT_MAX)
+    max_length: int = Field(128, gt=1, le=COUNT_MAX)
     seed: int = 0
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     weight_decay: float = Field(0.0, ge=0)
@@ -162,6 +165,24 @@ class EvalSection(BaseModel):
         return self
 
 
+class LearnSection(BaseModel):
+    """Learn, then forget (the copyright setting of 2405.15152): first LoRA-fine-tune the base on
+    the content (plain NLL descent on data.forget, so the model memorises it), save that as its
+    own patch `<out>-learn`, and build the unlearning patch on the base with it applied. Why a
+    separate patch: the base never memorised the text, so forgetting it there cannot be specific;
+    the learn patch is the stand-in for a model that was trained on the book."""
+
+    model_config = _FROZEN
+    steps: int = Field(60, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    max_length: int | None = Field(None, gt=1)  # None: train.max_length
+    seed: int | None = None  # None: train.seed
+    target_modules: list[str] | None = None  # None: patch.target_modules, else the architecture's defaults
+
+
 class Recipe(BaseModel):
     model_config = _FROZEN
     model: ModelSection = ModelSection()
@@ -170,6 +191,7 @@ class Recipe(BaseModel):
     patch: PatchSection = PatchSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    learn: LearnSection | None = None  # a learn stage before the unlearning (see LearnSection)
     # not YAML keys: where the recipe came from, byte for byte
     path: Path | None = Field(None, exclude=True)
     text: str = Field("", exclude=True)
@@ -181,7 +203,7 @@ class Recipe(BaseModel):
         return self.path.parent if self.path else Path.cwd()
 
 
-SECTIONS = ("model", "data", "method", "patch", "train", "eval")
+SECTIONS = ("model", "data", "method", "patch", "train", "eval", "learn")
 
 
 # ------------------------------------------------------------------------------ loading
@@ -191,16 +213,49 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     """Read, override (`key.path=value`, value parsed as YAML) and validate a recipe."""
     where = str(path)
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UnpatchError(f"{where}: no such recipe file")
-    text = p.read_text(encoding="utf-8")
+    regular_file(p, "(a recipe is a YAML file)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UnpatchError(f"{where}: not a text file (byte {e.start} is not UTF-8); a recipe is a YAML file") from None
+    if "\x00" in text:
+        raise UnpatchError(f"{where}: not a text file (it holds NUL bytes); a recipe is a YAML file")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UnpatchError(f"{where}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from e
-    raw = {} if raw is None else raw
+    return _from_raw({} if raw is None else raw, overrides, where, p, text)
+
+
+def as_recipe(recipe: str | Path | Recipe | dict, overrides: typing.Sequence[str] = (), *,
+              base_dir: str | Path | None = None) -> Recipe:
+    """A recipe from a YAML path, a `Recipe`, or a dict shaped like the YAML (the Python API).
+    A dict or object is validated exactly as a file would be; relative data paths resolve against
+    `base_dir` (default: the current folder), and its YAML dump is what `recipe.yaml` records."""
+    if isinstance(recipe, str | Path):
+        return load_recipe(recipe, overrides)
+    if isinstance(recipe, Recipe):
+        raw = recipe.model_dump(mode="json", exclude_none=True)
+        raw["method"] = {"name": recipe.method.name, **dict(recipe.method.params)}
+        base_dir = base_dir if base_dir is not None else recipe.base_dir
+    elif isinstance(recipe, dict):
+        import json
+
+        raw = json.loads(json.dumps(recipe, default=str))  # a copy; Path values become strings
+    else:
+        raise UnpatchError(f"recipe: expected a YAML path, a Recipe or a dict, not {type(recipe).__name__}")
+    section = raw.get("patch") if isinstance(raw, dict) else None
+    name = re.sub(r"[^\w.-]", "_", str(section.get("name") or "recipe") if isinstance(section, dict) else "recipe")
+    p = Path(base_dir or Path.cwd()) / f"{name}.yaml"  # no such file: it only anchors relative data paths
+    text = yaml.safe_dump(raw, sort_keys=False)
+    return _from_raw(yaml.safe_load(text), overrides, "recipe (dict)", p, text)
+
+
+def _from_raw(raw: Any, overrides: typing.Sequence[str], where: str, p: Path, text: str) -> Recipe:
     if not isinstance(raw, dict):
         raise UnpatchError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
     for item in overrides:
@@ -217,6 +272,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     except ValidationError as e:
         raise UnpatchError(f"{where}: {_format_error(e, Recipe)}") from e
     _check_needs(recipe, where)
+    _check_eval_options(recipe, where)
     return recipe.model_copy(update={"path": p, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 
@@ -265,7 +321,36 @@ def _validate_method(raw: Any, where: str) -> dict[str, Any]:
         cfg = spec.config.model_validate(params)
     except ValidationError as e:
         raise UnpatchError(f"{where}: {_format_error(e, spec.config, ('method',))}") from e
-    return {"name": name, "params": cfg.model_dump(mode="json")}
+    dumped = cfg.model_dump(mode="json")
+    for key, value in _floats(dumped, ("method",)):
+        if not math.isfinite(value):  # method configs are the methods' own; one check covers all of them
+            raise UnpatchError(f"{where}: {key}: must be a finite number (got {value!r})")
+    return {"name": name, "params": dumped}
+
+
+def _floats(node: Any, path: tuple) -> typing.Iterator[tuple[str, float]]:
+    if isinstance(node, float):
+        yield ".".join(path), node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _floats(v, (*path, str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _floats(v, (*path, str(i)))
+
+
+def _check_eval_options(recipe: Recipe, where: str) -> None:
+    """Each eval option must be one the metric takes, of the type it declares (`limit: abc` would
+    otherwise surface only after training, or never): so validate and --dry-run catch it too."""
+    if not recipe.eval.options:
+        return
+    from .evaluate import check_options  # lazy: the metric registry
+
+    for metric, given in recipe.eval.options.items():
+        try:
+            check_options(metric, given)
+        except UnpatchError as e:
+            raise UnpatchError(f"{where}: eval.options.{metric}: {e}") from None
 
 
 def _check_needs(recipe: Recipe, where: str) -> None:
@@ -277,6 +362,8 @@ def _check_needs(recipe: Recipe, where: str) -> None:
             raise UnpatchError(f"{where}: data.{role}: required by method {spec.name!r}; add e.g. `{role}: builtin:toxicity`")
     if recipe.patch.kind not in spec.kinds:
         raise UnpatchError(f"{where}: patch.kind: method {spec.name!r} builds only {' or '.join(spec.kinds)} patches")
+    if recipe.learn is not None and recipe.data.forget is None:
+        raise UnpatchError(f"{where}: learn: needs data.forget (the content to learn, then forget); add e.g. `forget: {{source: book.txt, chunk_words: 48}}`")
 
 
 __all__ = ["Recipe", "Source", "load_recipe"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import regular_file
 from .errors import UnpatchError
 
 DTYPES = {
@@ -34,6 +35,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        regular_file(self.path)  # a FIFO named *.safetensors would block the read forever
         bad = f"{self.path}: not a valid safetensors file"
         try:
             size = self.path.stat().st_size
@@ -60,6 +62,8 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in e["data_offsets"])
             except (KeyError, TypeError, ValueError) as err:
                 raise UnpatchError(f"{bad} (bad entry for tensor {name!r}); re-download or rebuild it") from err
+            if any(d < 0 for d in shape):  # [-1, -4] has a positive size but no tensor can take it
+                raise UnpatchError(f"{bad} (tensor {name!r} has negative shape {list(shape)}); re-download or rebuild it")
             nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes or begin < 0:
                 raise UnpatchError(f"{bad} (tensor {name!r} has {end - begin} bytes, its shape needs {nbytes})")

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UnpatchError
 
 DIRECTIONS = ("lower", "higher", "target")
-METRIC_MODULES = ("crows_pairs", "perplexity", "forgetting", "stereoset", "harmful", "verbatim")  # every module here registers its metrics on import
+METRIC_MODULES = ("crows_pairs", "perplexity", "forgetting", "stereoset", "harmful", "verbatim", "recall", "bbq")  # every module here registers its metrics on import
 
 
 @dataclass(frozen=True)

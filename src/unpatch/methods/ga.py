@@ -21,9 +21,11 @@ class GAConfig(BaseModel):
 
 
 def nll(model, batch) -> torch.Tensor:
-    """Mean next-token NLL over the real tokens: labels are -100 on padding (data.collate)."""
-    return model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-                 labels=batch["labels"].to(model.device)).loss
+    """Mean next-token NLL over the real tokens: labels are -100 on padding (data.collate).
+    Computed padding-free where the model allows it (methods/packed.py: same value up to rounding)."""
+    from .packed import token_nll
+
+    return token_nll(model, batch)
 
 
 def ga_loss(model, batch):

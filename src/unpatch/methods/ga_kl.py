@@ -14,6 +14,11 @@ with LoRA by 2405.15152. Per micro-batch:
   comment, a book passage) uses its first `prompt_fraction` of tokens as the prompt, and a plain
   retain text is all answer. Draws are a pure function of (seed, micro-batch index), so a
   resumed build sees the same pairs.
+- `answer_only: true` (Yao et al.: forget data are prompt + harmful answer, and the ascent is on
+  the answer tokens only): the ascent scores only the tokens after the prompt (the `answer_marker`
+  split, else the first `prompt_fraction` of the tokens), so the prompt itself is not unlearned.
+- `random_answers: K` draws K random answers per forget prompt (Yao et al. draw several); the
+  random-answer NLL is the mean over all K x batch rows. K = 1 draws exactly as before.
 - KL is summed over the vocabulary and averaged over the real tokens of the retain batch; it is
   exactly 0 before the first step, since the patch starts at zero.
 - The reference (base) model: for `kind: lora` it is the SAME model with its adapter switched
@@ -53,6 +58,8 @@ class GAKLConfig(BaseModel):
     eps3: float = Field(1.0, ge=0)  # KL(base || current) on the retain data
     prompt_fraction: float = Field(0.5, gt=0, lt=1)  # prompt share of a forget text without a marker
     answer_marker: str = "\nA:"  # where a "question ... answer" text splits ("" = never)
+    answer_only: bool = False  # ascend on the answer tokens of a forget text only (Yao et al.)
+    random_answers: int = Field(1, gt=0)  # random answers drawn per forget prompt and step
 
     @model_validator(mode="after")
     def _something_to_do(self) -> GAKLConfig:
@@ -104,6 +111,19 @@ def split_prompt(text: str, marker: str) -> tuple[str, str] | None:
     return None
 
 
+def prompt_length(tok, text: str, prompt: str) -> int:
+    """Tokens of `text` (tokenized whole, as the ascent sees it) that lie inside its first
+    len(prompt) characters: offsets where the tokenizer is fast, else the prompt tokenized alone."""
+    if getattr(tok, "is_fast", False):
+        n = 0
+        for a, b in tok(text, return_offsets_mapping=True)["offset_mapping"]:
+            if a >= len(prompt) and b > 0:
+                break  # the first answer token
+            n += 1  # a prompt token, or a leading special token (offsets (0, 0))
+        return n
+    return len(tok(prompt)["input_ids"])
+
+
 class Streams:
     """Micro-batch i = {"forget", "random", "retain"} batches; each a pure function of (seed, i)."""
 
@@ -113,7 +133,7 @@ class Streams:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         where = f"{ctx.recipe.path}: data"
         # forget: whole texts for the ascent, and each one's prompt tokens for the random pairs
-        seqs, self.prompts = [], []
+        seqs, self.prompts, self.n_prompt = [], [], []
         for text in ctx.data.forget:
             ids = tok(text, truncation=True, max_length=t.max_length)["input_ids"]
             if len(ids) < 2:
@@ -122,6 +142,8 @@ class Streams:
             prompt = tok(qa[0])["input_ids"] if qa else ids[: max(1, math.ceil(len(ids) * cfg.prompt_fraction))]
             seqs.append(ids)
             self.prompts.append(prompt[: t.max_length // 2])  # leave room for the answer
+            # answer_only: how many leading tokens of `ids` are prompt (context, not ascended on)
+            self.n_prompt.append(min(prompt_length(tok, text, qa[0]) if qa else len(prompt), len(ids) - 1))
         if not seqs:
             raise UnpatchError(f"{where}.forget: no text is at least 2 tokens long; nothing to train on")
         self.forget = Batches(seqs, t.batch_size, t.seed, self.pad)
@@ -136,9 +158,10 @@ class Streams:
         rng = random.Random(self.seed * 1_000_003 + i + 2 * ROLE_SEED)  # own RNG: global state untouched
         seqs, n_prompt = [], []
         for j in idx:
-            s = (self.prompts[j] + rng.choice(self.answers))[: self.max_length]
-            seqs.append(s)
-            n_prompt.append(len(self.prompts[j]))
+            for _ in range(self.cfg.random_answers):  # K = 1: the same draws as before the option existed
+                s = (self.prompts[j] + rng.choice(self.answers))[: self.max_length]
+                seqs.append(s)
+                n_prompt.append(len(self.prompts[j]))
         b = collate(seqs, self.pad)
         for r, n in enumerate(n_prompt):  # score the answer only: the prompt is context
             b["labels"][r, :n] = -100
@@ -146,7 +169,11 @@ class Streams:
 
     def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor] | None]:
         idx = self.forget.indices(i)
-        return {"forget": self.forget[i], "random": self.random_pairs(i, idx) if self.cfg.eps2 else None,
+        forget = self.forget[i]
+        if self.cfg.answer_only:  # the prompt is context: ascend on the answer tokens only
+            for r, j in enumerate(idx):
+                forget["labels"][r, : self.n_prompt[j]] = -100
+        return {"forget": forget, "random": self.random_pairs(i, idx) if self.cfg.eps2 else None,
                 "retain": self.retain[i] if self.retain is not None else None}
 
 

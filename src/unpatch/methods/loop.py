@@ -1,8 +1,8 @@
 """The one training loop the loss-based methods share.
 
-AdamW on the parameters that require grad, gradient accumulation and clipping, a rich progress
-bar on stderr, optional early stop, and resumable checkpoints: every `checkpoint_every` steps the
-trainable tensors, optimizer state, step, metric history and RNG states go to `ckpt_dir`, and
+AdamW on the parameters that require grad, gradient accumulation and clipping, progress on
+stderr (unpatch.progress: a bar on a terminal, timestamped lines in logs), optional early stop,
+and resumable checkpoints: every `checkpoint_every` steps the trainable tensors, optimizer state, step, metric history and RNG states go to `ckpt_dir`, and
 `resume=True` continues from there. The data order is a pure function of the micro-batch index
 (data.Batches), so a resumed run on CPU is bit-identical to an uninterrupted one.
 
@@ -17,6 +17,7 @@ dynamic loss scaling (fp16 underflows small gradients; bf16 does not).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import weakref
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import progress
 from ..atomic import atomic_dir
 from ..data import Batches
 from ..distributed import engine, schedule, splittable, take
@@ -36,7 +38,7 @@ from ..recipe import TrainSection
 
 # loss_fn(model, batch) -> loss, or (loss, {"metric": float, ...}) for logging / early stop
 LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
-TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.pt"
+TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"  # no pickle
 _LOW = (torch.bfloat16, torch.float16)
 # model -> what the build must read instead of the live weights: fp32 masters, or a gathered state
 _MASTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -109,7 +111,7 @@ def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir
     runner = model if handle is model else _Proxy(handle, model)  # methods still read model.device etc.
     model.train()
     stopped = None
-    with _progress(desc, train.steps, start, eng.main) as (bar, task):
+    with progress.task(desc, train.steps, unit="steps", completed=start, enabled=eng.main) as bar:
         for step in range(start, train.steps):
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
@@ -139,7 +141,7 @@ def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir
             _sync_from_masters(named, masters)
             history.append(sums)
             done = step + 1
-            bar.update(task, completed=done, loss=sums["loss"])
+            bar.update(done, status=f"loss {sums['loss']:.4f}")
             if eng.main and ckpt_dir is not None and train.checkpoint_every and done % train.checkpoint_every == 0 and done < train.steps:
                 _save_checkpoint(ckpt_dir, held, opt, done, history, fingerprint)
             if on_step is not None:
@@ -221,61 +223,69 @@ def _early_stop(train: TrainSection, history: list[dict[str, float]]) -> str | N
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON) of every RNG the loop draws from: the torch CPU/CUDA byte states, and
+    Python's Mersenne twister state (ints, JSON as they are)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
 
 
 def _save_checkpoint(ckpt_dir: Path, named, opt, step: int, history, fingerprint: str) -> None:
-    # written atomically: a crash while checkpointing leaves the previous checkpoint intact
+    """Checkpoint as safetensors + JSON only (no pickle: a checkpoint dir is a place anyone with
+    write access could plant a file that `--resume` would unpickle). Written atomically: a crash
+    while checkpointing leaves the previous checkpoint intact."""
+    opt_sd = opt.state_dict()
+    opt_tensors, opt_values = {}, {}
+    for idx, st in opt_sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                opt_tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                opt_values[f"{idx}.{key}"] = value
+    rng_tensors, rng_json = _rng_state()
     with atomic_dir(ckpt_dir, overwrite=True) as tmp:
         save_file({n: p.detach().to("cpu").contiguous() for n, p in named}, tmp / TRAINABLE)
-        torch.save(opt.state_dict(), tmp / OPTIMIZER)
-        torch.save({"step": step, "history": history, "fingerprint": fingerprint, "rng": _rng_state()}, tmp / STATE)
+        save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER)
+        state = {"format": "unpatch-checkpoint", "version": 2, "step": step, "history": history, "fingerprint": fingerprint,
+                 "rng": rng_json, "param_groups": opt_sd["param_groups"], "optimizer_values": opt_values}
+        (tmp / STATE).write_text(json.dumps(state))
 
 
 def _load_checkpoint(ckpt_dir: Path, named, opt, fingerprint: str) -> tuple[int, list[dict[str, float]]]:
     try:
-        state = torch.load(ckpt_dir / STATE, weights_only=True)
+        state = json.loads((ckpt_dir / STATE).read_text(encoding="utf-8"))
         saved = load_file(ckpt_dir / TRAINABLE)
-        opt_state = torch.load(ckpt_dir / OPTIMIZER, weights_only=True)
-    except Exception as e:
-        raise UnpatchError(f"{ckpt_dir}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it and build without --resume") from e
-    if state["fingerprint"] != fingerprint:
+        blobs = load_file(ckpt_dir / OPTIMIZER)
+        step, history, groups = int(state["step"]), list(state["history"]), state["param_groups"]
+    except Exception as e:  # torn, truncated or edited files: one line, never a traceback
+        raise UnpatchError(f"{ckpt_dir}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                           "delete it and build without --resume") from e
+    if state.get("fingerprint") != fingerprint:
         raise UnpatchError(f"{ckpt_dir}: checkpoint was made by a different recipe or settings; delete it or build without --resume")
     if set(saved) != {n for n, _ in named}:
         raise UnpatchError(f"{ckpt_dir}: checkpoint holds other tensors than this build trains; delete it and build without --resume")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, t in blobs.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = t
+    for key, value in state.get("optimizer_values", {}).items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
     with torch.no_grad():
         for n, p in named:
             p.copy_(saved[n])
-    opt.load_state_dict(opt_state)
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], list(state["history"])
-
-
-class _progress:
-    """rich progress bar on stderr (step, loss, ETA); silent when stderr is not a terminal, and on
-    every rank but 0 (one bar per build, not per process)."""
-
-    def __init__(self, desc: str, total: int, start: int, main: bool = True):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, disable=not (console.is_terminal and main), transient=False)
-        self.task = self.bar.add_task(desc, total=total, completed=start, loss=float("nan"))
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self.bar, self.task
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    try:
+        opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnpatchError(f"{ckpt_dir}: the optimizer state does not fit this build ({e}); delete it and build without --resume") from e
+    torch.set_rng_state(blobs["rng.torch"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = [blobs[k] for k in sorted((k for k in blobs if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return step, history

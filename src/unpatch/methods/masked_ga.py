@@ -10,6 +10,10 @@ The paper had GPT-4 pick the words; offline, `targets` picks them one of three w
 - `marked` (data.forget): spans written `[[like this]]` in the text. The brackets are stripped
   before tokenising; a text without a marked span is skipped.
 - `words` (data.forget): every case-insensitive whole-word match of `words` (phrases allowed).
+- `lexicon` (data.forget): the same, with the group / identity words of the lexicon the project
+  ships (unpatch/resources/identity_terms.yaml: `lexicon: [gender, race, religion]`, all three by
+  default). This is the paper's target: the bias-bearing group word of a hateful text ("women"),
+  ascended on alone, with `descent_weight: 0` (recipes/paper/masked-ga-2407.16951.yaml).
 
 Character spans become token positions through the fast tokenizer's `offset_mapping`: a token is
 a target when its characters overlap a target span. Each text gets the tokenizer's BOS (else EOS)
@@ -44,8 +48,9 @@ class MaskedGAConfig(BaseModel):
     """Which tokens to ascend on. Steps, lr, batch size live in `train`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    targets: Literal["pairs", "marked", "words"] = "pairs"
+    targets: Literal["pairs", "marked", "words", "lexicon"] = "pairs"
     words: list[str] = []  # targets: words; matched case-insensitively as whole words
+    lexicon: list[Literal["gender", "race", "religion"]] = []  # targets: lexicon; its groups ([] = all three)
     descent_weight: float = Field(0.0, ge=0)  # targets: pairs; weight of descent on the less sentence's diff
     max_diff_words: int | None = Field(None, gt=0)  # targets: pairs; skip pairs whose more side differs in more words
 
@@ -55,6 +60,8 @@ class MaskedGAConfig(BaseModel):
             raise ValueError("targets: words needs a non-empty `words: [...]` list")
         if self.targets != "words" and self.words:
             raise ValueError(f"`words` is only used with targets: words (targets is {self.targets})")
+        if self.targets != "lexicon" and self.lexicon:
+            raise ValueError(f"`lexicon` is only used with targets: lexicon (targets is {self.targets})")
         if self.targets != "pairs" and (self.descent_weight or self.max_diff_words):
             raise ValueError(f"descent_weight and max_diff_words only apply to targets: pairs (targets is {self.targets})")
         return self
@@ -156,14 +163,20 @@ def examples(cfg: MaskedGAConfig, data, tokenizer, max_length: int, where: str) 
         if cfg.targets == "marked":
             texts, spans = zip(*(marked_spans(t) for t in items), strict=True) if items else ((), ())
         else:
-            pattern = words_pattern(cfg.words)
+            if cfg.targets == "lexicon":
+                from ..lexicon import GROUPS, lexicon_words
+
+                pattern = words_pattern(lexicon_words(tuple(cfg.lexicon) or GROUPS))
+            else:
+                pattern = words_pattern(cfg.words)
             texts, spans = items, [word_list_spans(t, pattern) for t in items]
         out = [{"ids": i, "labels": lab} for i, lab in label_tokens(tokenizer, list(texts), list(spans), max_length)]
     out = [x for x in out if has_target(x["labels"])]
     if not out:
         hint = {"pairs": "every pair is identical or was skipped by method.max_diff_words",
                 "marked": "mark the words to forget as [[word]] in the texts",
-                "words": "check method.words against the texts"}[cfg.targets]
+                "words": "check method.words against the texts",
+                "lexicon": "no text holds a word of the chosen method.lexicon groups"}[cfg.targets]
         raise UnpatchError(f"{where}: method.targets: no target token found in any example of data.{role} ({hint}); nothing to train on")
     return out
 

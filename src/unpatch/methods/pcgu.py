@@ -18,11 +18,17 @@ it per batch). Why: the patch then changes exactly the chosen k % of rows, so it
 row-sparse (build.sparsify stores only those rows) and `k_percent` means what it says; and a
 resumed build recomputes the very same ranking from the base, so resume needs no extra state.
 The gap is unbounded below: stop with `train.early_stop: {metric: gap, below: 0}`.
+
+The original's choices are options (methods/pcgu_paper.py; recipes/paper/pcgu-2406.13551.yaml):
+`rerank_every: N` re-ranks every N steps on the step's pairs, `score: first_diff` uses the
+log-probability of the first differing token given the shared prefix instead of the sentence, and
+`update: advantaged` lowers only the side the model currently prefers. Defaults keep the above.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +43,9 @@ class PCGUConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     k_percent: float = Field(10.0, gt=0, le=100)  # share of all target rows that may change
     rank_pairs: int | None = Field(None, gt=0)  # pairs whose summed gradients rank the rows (None: all)
+    rerank_every: int = Field(0, ge=0)  # 0: rank once, from the base; N: re-rank every N steps (PCGU: 1)
+    score: Literal["sentence", "first_diff"] = "sentence"  # first_diff: log p(first differing token | shared prefix)
+    update: Literal["gap", "advantaged"] = "gap"  # advantaged: lower only the side the model prefers (PCGU)
 
 
 # ------------------------------------------------------------------------------ pairs
@@ -133,13 +142,16 @@ def select_rows(cosines: dict[str, torch.Tensor], k_percent: float) -> dict[str,
     return masks
 
 
-def rank_rows(model, pairs: PairBatches, parts, n_pairs: int, batch_size: int) -> dict[str, torch.Tensor]:
-    """Cosine per row of the gradients summed over the first n_pairs pairs (in data order)."""
+def rank_rows(model, pairs: PairBatches, parts, n_pairs: int, batch_size: int, score: str = "sentence") -> dict[str, torch.Tensor]:
+    """Cosine per row of the gradients summed over the first n_pairs pairs (in data order);
+    `score` as pcgu_paper.pair_scores (sentence log-likelihood, or the first differing token's)."""
+    from .pcgu_paper import pair_scores
+
     g = {side: {n: torch.zeros_like(w) for n, (w, _) in parts.items()} for side in ("more", "less")}
     model.eval()  # no dropout in the ranking: it must be reproducible on resume
     for start in range(0, n_pairs, batch_size):
         idx = list(range(start, min(start + batch_size, n_pairs)))
-        lp = sentence_logprobs(model, pairs.take(idx))
+        lp = pair_scores(model, pairs.take(idx), score)
         for side, part in (("more", lp[: len(idx)]), ("less", lp[len(idx):])):
             model.zero_grad(set_to_none=True)
             part.sum().backward(retain_graph=side == "more")
@@ -167,21 +179,40 @@ def mean_gap(model, tokenizer, data, recipe) -> float:
           paper="https://aclanthology.org/2023.findings-acl.375", needs=("pairs",), kinds=("delta",),
           objective=mean_gap, direction="down", example={"k_percent": 50})
 def pcgu(ctx: Context) -> MethodResult:
+    from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss
+
     cfg: PCGUConfig = ctx.config
     t = ctx.recipe.train
-    pairs = PairBatches(ctx.data.pairs, ctx.tokenizer, t.max_length, t.batch_size, t.seed + 2 * 7919)
+    where = str(ctx.recipe.path)
+
+    def make(items):
+        return PairBatches(items, ctx.tokenizer, t.max_length, t.batch_size, t.seed + 2 * 7919)
+
+    pairs, dropped = diff_pairs(ctx, make, where) if cfg.score == "first_diff" else (make(ctx.data.pairs), 0)
     parts = row_partitions(ctx.model)
     n_rank = min(cfg.rank_pairs or len(pairs), len(pairs))
-    masks = select_rows(rank_rows(ctx.model, pairs, parts, n_rank, t.batch_size), cfg.k_percent)
+    reranks, ranking = [0], [False]  # re-rank count; True while the loss takes its ranking gradients
+    if cfg.rerank_every:  # PCGU's own loop: the masks are rewritten by the loss every N steps
+        from ..distributed import engine
+
+        check_dynamic(cfg, t, engine().world, where)
+        pairs = pairs if isinstance(pairs, DiffPairs) else DiffPairs(pairs, [0] * len(pairs))
+        masks = {n: torch.zeros(w.shape[axis], dtype=torch.bool) for n, (w, axis) in parts.items()}  # every row ever chosen
+        scale = {n: torch.zeros((w.shape[0], 1) if axis == 0 else (1, w.shape[1]), dtype=w.dtype, device=w.device)
+                 for n, (w, axis) in parts.items()}
+        loss_fn = dynamic_loss(cfg, pairs, parts, scale, masks, t.grad_accum, reranks, ranking)
+    else:
+        masks = select_rows(rank_rows(ctx.model, pairs, parts, n_rank, t.batch_size, cfg.score), cfg.k_percent)
+        scale = {n: (masks[n][:, None] if axis == 0 else masks[n][None, :]).to(w.device, w.dtype) for n, (w, axis) in parts.items()}
+        loss_fn = gap_loss if (cfg.score, cfg.update) == ("sentence", "gap") else make_loss(cfg)
     # AdamW weight decay would shrink every row; keep the base values of the rows not chosen
     keep = {n: w.detach().clone() for n, (w, _) in parts.items()} if t.weight_decay else {}
     hooks = []
-    for n, (w, axis) in parts.items():
-        m = masks[n].to(w.device, w.dtype)
-        m = m[:, None] if axis == 0 else m[None, :]
-        hooks.append(w.register_hook(lambda grad, m=m: grad * m))  # the other rows get exactly 0
+    for n, (w, _) in parts.items():
+        # the other rows get exactly 0 (not while the ranking reads the full gradients: autograd.grad runs hooks too)
+        hooks.append(w.register_hook(lambda grad, m=scale[n]: grad if ranking[0] else grad * m))
     try:
-        res = train_loop(ctx.model, gap_loss, pairs, t, ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
+        res = train_loop(ctx.model, loss_fn, pairs, t, ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
                          fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="pcgu")
     finally:
         for h in hooks:
@@ -197,8 +228,15 @@ def pcgu(ctx: Context) -> MethodResult:
     chosen = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     touched = sum(1 for m in masks.values() if m.any())
-    notes = [f"ranked {total} rows of {len(masks)} matrices on {n_rank} pairs; trained the {chosen} "
-             f"({100 * chosen / total:.3g} %) least similar, in {touched} matrices"]
+    if cfg.rerank_every:
+        notes = [f"re-ranked {total} rows of {len(masks)} matrices {reranks[0]} times (every {cfg.rerank_every} steps, "
+                 f"top {cfg.k_percent:g} %, score {cfg.score}, update {cfg.update}); {chosen} rows "
+                 f"({100 * chosen / total:.3g} %) were chosen at least once, in {touched} matrices"]
+    else:
+        notes = [f"ranked {total} rows of {len(masks)} matrices on {n_rank} pairs (score {cfg.score}); trained the {chosen} "
+                 f"({100 * chosen / total:.3g} %) least similar, in {touched} matrices (update {cfg.update})"]
+    if dropped:
+        notes.append(f"score first_diff: {dropped} pairs without a differing token after a shared prefix were dropped")
     if res.stopped:
         notes.append(f"stopped early: {res.stopped}")
     return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)

@@ -1,0 +1,53 @@
+"""Padding-free NLL (methods/packed.py): the same loss and gradients as HF's padded loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from unpatch.data import Batches
+from unpatch.methods import packed
+
+
+def _model(arch: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(BUILD_CONFIGS[arch]())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_packed_loss_and_gradients_match_padded(arch):
+    model = _model(arch).eval()  # no dropout: the two paths must agree to rounding
+    batch = Batches.from_texts(FORGET, tiny_tokenizer(), 32, 4, 0)[0]
+    assert (batch["attention_mask"] == 0).any()  # the batch really has padding to skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = packed.packed_nll(model, batch)
+    want = packed.padded_nll(model, batch)
+    assert got is not None and abs(got.item() - want.item()) < 1e-5 * abs(want.item())
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+    g_want = torch.autograd.grad(packed.padded_nll(model, batch), params, allow_unused=True)
+    worst = max((a - b).abs().max().item() for a, b in zip(g_got, g_want, strict=True) if a is not None)
+    assert worst < 1e-5
+    assert packed.token_nll(model, batch).item() == pytest.approx(want.item(), rel=1e-5)
+    assert packed._CHECKED[model] is True
+
+
+def test_dropout_keeps_the_padded_path():
+    model = _model("gpt2").train()  # GPT-2's default dropout is 0.1
+    batch = Batches.from_texts(FORGET, tiny_tokenizer(), 32, 4, 0)[0]
+    torch.manual_seed(3)
+    got = packed.token_nll(model, batch)
+    torch.manual_seed(3)
+    want = packed.padded_nll(model, batch)
+    assert got.item() == want.item() and model not in packed._CHECKED
+
+
+def test_a_model_that_disagrees_falls_back(monkeypatch):
+    model = _model("llama").eval()
+    batch = Batches.from_texts(FORGET, tiny_tokenizer(), 32, 4, 0)[0]
+    real = packed.packed_nll
+    monkeypatch.setattr(packed, "packed_nll", lambda m, b: real(m, b) * 1.01)  # e.g. a model ignoring position ids
+    with pytest.warns(UserWarning, match="padding-free batches disagree"):
+        got = packed.token_nll(model, batch)
+    assert packed._CHECKED[model] is False and got.item() == packed.padded_nll(model, batch).item()
