@@ -18,6 +18,7 @@ pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[1]
 UNPATCH = [sys.executable, "-m", "unpatch"]
 EVAL = ["--set", "eval.metrics=[perplexity]"]
+SHORT = ["--set", "train.steps=2"]  # the property does not depend on the length of training
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -28,9 +29,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_build_killed_during_evaluation_resumes_the_evaluation(tmp_path):
     # the uninterrupted reference: the evaluation does not change the payload, so skip it here
-    run("build", "recipes/smoke.yaml", "--out", str(tmp_path / "clean"), "--no-eval")
+    run("build", "recipes/smoke.yaml", "--out", str(tmp_path / "clean"), *SHORT, "--no-eval")
     out = tmp_path / "P"
-    proc = subprocess.Popen([*UNPATCH, "build", "recipes/smoke.yaml", "--out", str(out), *EVAL], cwd=ROOT,
+    proc = subprocess.Popen([*UNPATCH, "build", "recipes/smoke.yaml", "--out", str(out), *SHORT, *EVAL], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 900
     while not out.is_dir() and proc.poll() is None and time.monotonic() < deadline:
@@ -40,10 +41,10 @@ def test_build_killed_during_evaluation_resumes_the_evaluation(tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the build finished within 5 s of writing the patch; nothing to resume"
     killed = json.loads((out / "unpatch.json").read_text())
     assert "eval" not in killed["metrics"]
-    refused = subprocess.run([*UNPATCH, "build", "recipes/smoke.yaml", "--out", str(out), *EVAL], cwd=ROOT, capture_output=True, text=True)
+    refused = subprocess.run([*UNPATCH, "build", "recipes/smoke.yaml", "--out", str(out), *SHORT, *EVAL], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr  # says exactly what to run
 
-    run("build", "recipes/smoke.yaml", "--out", str(out), *EVAL, "--resume")
+    run("build", "recipes/smoke.yaml", "--out", str(out), *SHORT, *EVAL, "--resume")
     resumed = json.loads((out / "unpatch.json").read_text())
     clean = json.loads((tmp_path / "clean" / "unpatch.json").read_text())
     assert resumed["files"] == clean["files"]  # payload bytes (sha256 of each payload file)

@@ -39,6 +39,8 @@ def forget_recall(model, tokenizer, source: str = "builtin:xsum", column: str | 
     """
     if min(passages, prompt_tokens, gen_tokens) < 1:
         raise UnpatchError("forget_recall: passages, prompt_tokens and gen_tokens must be at least 1")
+    if column is None and source == "builtin:xsum":
+        column = "document"  # the default source's text column, as verbatim_recall reads it
     texts = load_metric_texts("forget_recall", source, column, None, chunk_words)
     cut = limit if limit is not None else len(texts)
     sets = {"learned": texts[:cut], "unseen": texts[cut:],
