@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UnpatchError
 from .fingerprint import hasher, header
 from .safetensors_io import SafetensorsFile
 
@@ -74,8 +75,8 @@ def _store(path: str, key: list[int], hashes: dict[str, dict[str, str]]) -> None
             entries.sort(key=lambda e: e.stat().st_mtime_ns)
             for old in entries[: len(entries) - MAX_ENTRIES // 2]:  # by mtime: written or last hit
                 old.unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only cache only costs speed
+    except (OSError, UnpatchError):
+        pass  # a read-only cache, or one another process is writing this entry of (its claim), only costs speed
 
 
 def cached(path: str | Path, algo: str, key: list[int] | None = None) -> dict[str, str]:
