@@ -48,11 +48,11 @@ from pathlib import Path
 
 import torch
 
-from unpatch.apply import Applied
 from unpatch.fingerprint import combine, tensor_hash, tensor_hashes, tensor_sha256
-from unpatch.merge import Checkpoint, apply_to_folder, revert_folder
 from unpatch.model import checkpoint_folder, load_model, resolve_model
-from unpatch.patch import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
+from unpatch.patch.merged import Checkpoint, apply_to_folder, revert_folder
 
 MODEL = "smollm2-135m"
 SCALE = 0.6

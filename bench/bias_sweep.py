@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from unpatch.apply import Applied
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.model import load_model
-from unpatch.patch import load_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch
 from unpatch.recipe import load_recipe
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from unpatch.apply import Applied
 from unpatch.data import collate, encode, load_texts
 from unpatch.model import load_model
-from unpatch.patch import load_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch
 
 SHARED = Path("/work/shared/data")  # benchmark inputs only: the product never reads it
 WIKI = SHARED / "wikitext2/wikitext-2-raw.test.hf-join2nl.crlf.txt"

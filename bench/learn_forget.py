@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from unpatch.patch import load_patch  # noqa: E402
+from unpatch.patch.format import load_patch  # noqa: E402
 
 SPLITS = ("learned", "unseen", "control")
 
@@ -67,7 +67,7 @@ def main() -> None:
     else:
         if not a.book:
             ap.error("--book is required unless --report-only")
-        from unpatch.build import build
+        from unpatch.builder import build
 
         sets = [f"data.forget.source={a.book.resolve()}"] + ([f"eval.options.forget_recall.control={a.control.resolve()}"] if a.control else [])
         t0 = time.perf_counter()

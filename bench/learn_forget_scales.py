@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from unpatch.apply import Applied  # noqa: E402
 from unpatch.evals.forgetting import load_metric_texts, token_nll  # noqa: E402
 from unpatch.evals.recall import _split  # noqa: E402
 from unpatch.model import load_model  # noqa: E402
-from unpatch.patch import load_patch  # noqa: E402
+from unpatch.patch.apply import Applied  # noqa: E402
+from unpatch.patch.format import load_patch  # noqa: E402
 
 
 def main() -> None:

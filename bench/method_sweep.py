@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from unpatch.apply import Applied
 from unpatch.evals import get_metric
 from unpatch.model import load_model
-from unpatch.patch import load_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CROWS = DATA / "crows_pairs" / "crows_pairs_anonymized.csv"

@@ -58,9 +58,9 @@ def bench_mergekit(work: Path, site: Path) -> None:
     from safetensors import safe_open
 
     from unpatch.fingerprint import combine, tensor_sha256
-    from unpatch.merge import apply_to_folder
     from unpatch.model import checkpoint_folder, load_model, resolve_model
-    from unpatch.patch import BaseRef, Manifest, Patch, library_versions, save_patch
+    from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, save_patch
+    from unpatch.patch.merged import apply_to_folder
 
     env, why = mergekit_env(site)
     if env is None:
@@ -124,7 +124,7 @@ def bench_trainer(work: Path, steps: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from unpatch.build import build, default_targets
+    from unpatch.builder import build, default_targets
     from unpatch.data import collate, encode, load_data
     from unpatch.model import load_model
     from unpatch.recipe import load_recipe

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from unpatch.apply import Applied
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.data import load_texts
 from unpatch.evals import get_metric
-from unpatch.evaluate import Variant, evaluate
+from unpatch.evals.runner import Variant, evaluate
 from unpatch.model import load_model
+from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench helpers beside this file

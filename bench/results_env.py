@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from unpatch.evaluate import hardware
-from unpatch.patch import library_versions
+from unpatch.evals.runner import hardware
+from unpatch.patch.format import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 

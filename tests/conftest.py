@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
 
 from unpatch.fingerprint import combine, tensor_sha256
-from unpatch.patch import BaseRef, Manifest, Patch, library_versions, lora_config_dict
+from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, lora_config_dict
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -34,13 +34,13 @@ import transformers.models.gpt2.modeling_gpt2  # noqa: E402,F401
 import transformers.models.llama.modeling_llama  # noqa: E402,F401
 
 import unpatch.atomic  # noqa: E402
-import unpatch.build  # noqa: E402,F401
-import unpatch.card  # noqa: E402,F401
+import unpatch.builder  # noqa: E402,F401
 import unpatch.cli  # noqa: E402
-import unpatch.evaluate  # noqa: E402,F401
-import unpatch.merge  # noqa: E402,F401
-import unpatch.ops  # noqa: E402,F401
-import unpatch.sweep  # noqa: E402,F401
+import unpatch.evals.runner  # noqa: E402,F401
+import unpatch.evals.sweep  # noqa: E402,F401
+import unpatch.patch.algebra  # noqa: E402,F401
+import unpatch.patch.card  # noqa: E402,F401
+import unpatch.patch.merged  # noqa: E402,F401
 
 torch.set_num_threads(1)
 

@@ -17,10 +17,11 @@ import torch
 from conftest import TARGETS, make_delta_patch, make_lora_patch, state_equal, tiny_model
 from safetensors.torch import load_file
 
-from unpatch import merge, ops
-from unpatch.apply import Applied
 from unpatch.fingerprint import combine, tensor_sha256
-from unpatch.patch import Patch, load_patch, save_patch
+from unpatch.patch import algebra as ops
+from unpatch.patch import merged as merge
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import Patch, load_patch, save_patch
 
 KINDS = ["lora", "delta"]
 TOL = 1e-6

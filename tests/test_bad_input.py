@@ -16,12 +16,12 @@ import torch
 from conftest import make_delta_patch, make_lora_patch, state_equal, tiny_model
 from safetensors.torch import load_file
 
-from unpatch import merge
-from unpatch.apply import Applied
 from unpatch.cli import main
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
-from unpatch.patch import load_patch, save_patch
+from unpatch.patch import merged as merge
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch, save_patch
 
 ARCH = "gpt2"  # Conv1D layers: the least forgiving of the three tiny archs
 UNPATCH = Path(sys.executable).parent / "unpatch"

@@ -12,11 +12,11 @@ from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unpatch.build import build, default_targets, target_weights
+from unpatch.builder import build, default_targets, target_weights
 from unpatch.data import Batches
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
-from unpatch.patch import load_patch
+from unpatch.patch.format import load_patch
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:
@@ -217,8 +217,8 @@ def test_patch_coefficient_ships_the_patch_at_that_strength(tmp_path, models_dir
     is the method's times the recipe's, and --scale 1 of it equals --scale 2 of the plain build."""
     import copy
 
-    from unpatch.apply import Applied
     from unpatch.model import load_model
+    from unpatch.patch.apply import Applied
 
     one = build(recipe(tmp_path, models_dir, patch={"kind": kind}, train={"steps": 2}), out=tmp_path / "one", run_eval=False)
     two = build(recipe(tmp_path, models_dir, patch={"kind": kind, "coefficient": 2.0}, train={"steps": 2}),

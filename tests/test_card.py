@@ -17,12 +17,12 @@ from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from test_eval_cli import write_data
 
-from unpatch.build import build
-from unpatch.card import regenerate_card, render_card
-from unpatch.evaluate import Variant, evaluate, parse_metric_options
+from unpatch.builder import build
+from unpatch.evals.runner import Variant, evaluate, parse_metric_options
+from unpatch.evals.sweep import sweep, write_sweep
 from unpatch.model import load_model
-from unpatch.patch import load_patch, save_patch
-from unpatch.sweep import sweep, write_sweep
+from unpatch.patch.card import regenerate_card, render_card
+from unpatch.patch.format import load_patch, save_patch
 
 GOLDEN = Path(__file__).parent / "golden" / "card.md"
 RECIPE = "model: {id: example/tiny-gpt2}\ndata: {forget: forget.txt}\nmethod: {name: ga}\ntrain: {steps: 8}\n"

@@ -10,13 +10,13 @@ import json
 from conftest import make_lora_patch
 from huggingface_hub import ModelCard
 
-from unpatch.build import adapter_base
-from unpatch.card import render_card
-from unpatch.evaluate import Variant, evaluate, parse_metric_options
+from unpatch.builder import adapter_base
+from unpatch.evals.runner import Variant, evaluate, parse_metric_options
 from unpatch.hubmeta import dataset_id, gguf_source
-from unpatch.merge import apply_to_folder, revert_folder
 from unpatch.model import load_model, resolve_model
-from unpatch.patch import save_patch
+from unpatch.patch.card import render_card
+from unpatch.patch.format import save_patch
+from unpatch.patch.merged import apply_to_folder, revert_folder
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -19,8 +19,8 @@ import torch
 from conftest import make_delta_patch, make_lora_patch, tiny_model
 from safetensors.torch import load_file
 
-from unpatch import ops
-from unpatch.patch import load_patch, save_patch
+from unpatch.patch import algebra as ops
+from unpatch.patch.format import load_patch, save_patch
 
 ARCH = "gpt2"
 UNPATCH = Path(sys.executable).parent / "unpatch"
@@ -105,7 +105,7 @@ def test_apply_revert_equals_apply_at_scale_zero(env, kind):
     ledger = json.loads((env.root / f"M1-{kind}" / "unpatch_ledger.json").read_text())
     assert [(e["name"], e["scale"]) for e in ledger["applied"]] == [(kind, 0.6)]
     # the merged folder is the in-process apply's, bit for bit
-    from unpatch.apply import Applied
+    from unpatch.patch.apply import Applied
 
     m = tiny_model(ARCH)
     Applied(m).apply(load_patch(env.patch[kind].path), 0.6)

@@ -25,10 +25,10 @@ import yaml
 from conftest import FORGET
 from test_methods import method_recipe
 
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.distributed import Piece, schedule, splittable, take
 from unpatch.errors import UnpatchError
-from unpatch.patch import load_patch
+from unpatch.patch.format import load_patch
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:

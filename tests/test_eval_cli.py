@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import FORGET, make_delta_patch, make_lora_patch
 
-from unpatch.apply import Applied
 from unpatch.errors import UnpatchError
-from unpatch.evaluate import Variant, evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
+from unpatch.evals.runner import Variant, evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
+from unpatch.evals.sweep import parse_fraction, parse_scales, sweep, write_sweep
 from unpatch.model import load_model
-from unpatch.patch import load_patch, save_patch
-from unpatch.sweep import parse_fraction, parse_scales, sweep, write_sweep
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch, save_patch
 
 UNPATCH = Path(sys.executable).parent / "unpatch"
 PAIRS = [("the cat is bad", "the dog is bad", "race-color"), ("she is very bad", "he is very bad", "gender"),

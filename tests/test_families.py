@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from unpatch.apply import Applied
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.cli import app
 from unpatch.methods import list_methods
-from unpatch.patch import Patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import Patch
 from unpatch.targets import choose_targets, is_linear, peft_mapping, target_weights
 
 RETAIN = ["the fox jumps over the mat", "a good dog sat far", "people are quick", "he sat on a mat"]

@@ -10,14 +10,14 @@ import torch
 from conftest import BUILD_CONFIGS, make_delta_patch, make_lora_patch, state_equal, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import unpatch.apply as apply_mod
+import unpatch.patch.apply as apply_mod
 from unpatch import hashcache
-from unpatch.apply import Applied
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_hash
-from unpatch.merge import apply_to_folder, revert_folder
 from unpatch.model import load_model
-from unpatch.patch import MANIFEST, BaseRef, load_patch, save_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import MANIFEST, BaseRef, load_patch, save_patch
+from unpatch.patch.merged import apply_to_folder, revert_folder
 from unpatch.provenance import Origin
 from unpatch.safetensors_io import SafetensorsFile
 

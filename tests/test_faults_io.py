@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from conftest import make_delta_patch, make_lora_patch
 
-from unpatch import atomic, merge
+from unpatch import atomic
 from unpatch.atomic import atomic_dir, claim, stale_temporaries
 from unpatch.cli import main
 from unpatch.errors import UnpatchError
 from unpatch.model import load_model
-from unpatch.patch import load_patch, save_patch
+from unpatch.patch import merged as merge
+from unpatch.patch.format import load_patch, save_patch
 
 pytestmark = pytest.mark.faults
 UNPATCH = Path(sys.executable).parent / "unpatch"
@@ -115,7 +116,7 @@ def test_disk_full_is_one_line_naming_the_folder_and_keeps_the_previous(capsys, 
 
 
 def test_unwritable_out_fails_before_training(capsys, tiny, monkeypatch, tmp_path):
-    import unpatch.build
+    import unpatch.builder
 
     root, llama, _, _ = tiny
     (tmp_path / "f.txt").write_text("the cat sat\n")
@@ -124,7 +125,7 @@ def test_unwritable_out_fails_before_training(capsys, tiny, monkeypatch, tmp_pat
 
     def no(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
-    monkeypatch.setattr(unpatch.build, "load_model", no)
+    monkeypatch.setattr(unpatch.builder, "load_model", no)
     for out in ("/proc/x", "/proc/self/nope/x"):
         code, _, err = cli(capsys, "build", tmp_path / "r.yaml", "--out", out)
         assert code == 2 and out in err and "writable folder" in err and one_line(err), err
@@ -218,22 +219,22 @@ def test_build_resume_after_a_kill_in_evaluation_evaluates_only(tmp_path, models
     """In process: the evaluation interrupted (as by a kill) leaves the patch without metrics; the
     same build refuses naming --resume, --resume with other settings refuses, --resume evaluates
     without training (the training's record and the payload unchanged)."""
-    import unpatch.build
-    from unpatch.build import build
+    import unpatch.builder
+    from unpatch.builder import build
 
     (tmp_path / "forget.txt").write_text("the cat sat on the mat\nthe dog ran far\nshe is very bad\n")
     r = tmp_path / "r.yaml"
     r.write_text(json.dumps({"model": {"id": str(models_dir / "llama"), "device": "cpu"}, "data": {"forget": "forget.txt"},
                              "method": {"name": "ga"}, "patch": {"kind": "lora", "rank": 2}, "eval": {"metrics": ["forget_nll"]},
                              "train": {"steps": 2, "batch_size": 2, "max_length": 16}}))
-    real = unpatch.build.evaluate_built
+    real = unpatch.builder.evaluate_built
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(unpatch.build, "evaluate_built", killed)
+    monkeypatch.setattr(unpatch.builder, "evaluate_built", killed)
     with pytest.raises(KeyboardInterrupt):
         build(r, out=tmp_path / "p")
-    monkeypatch.setattr(unpatch.build, "evaluate_built", real)
+    monkeypatch.setattr(unpatch.builder, "evaluate_built", real)
     half = load_patch(tmp_path / "p")
     assert "eval" not in half.manifest.metrics and hidden(tmp_path) == []
     with pytest.raises(UnpatchError, match="evaluation did not finish; rerun with --resume"):
@@ -243,7 +244,7 @@ def test_build_resume_after_a_kill_in_evaluation_evaluates_only(tmp_path, models
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
-    monkeypatch.setattr(unpatch.build, "_build", no_training)
+    monkeypatch.setattr(unpatch.builder, "_build", no_training)
     done = build(r, out=tmp_path / "p", resume=True)
     assert "forget_nll" in done.manifest.metrics["eval"]["metrics"]
     assert done.manifest.metrics["build"] == half.manifest.metrics["build"] and done.manifest.files == half.manifest.files

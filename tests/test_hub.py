@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from unpatch import hub
 from unpatch.errors import UnpatchError
-from unpatch.patch import DELTA_FILE, MANIFEST, Patch, load_patch, save_patch
+from unpatch.patch.format import DELTA_FILE, MANIFEST, Patch, load_patch, save_patch
 
 ARCH = "gpt2"
 UNPATCH = Path(sys.executable).parent / "unpatch"
@@ -141,7 +141,7 @@ def test_push_sends_only_the_patch_files(fake_hub, model, tmp_path, kind):
     assert sorted(sent) == sorted([MANIFEST, *payload, "recipe.yaml", "README.md", "dose.png", "audit.json"])
     for name, data in sent.items():  # README.md is rendered afresh at push (no hash covers the file on disk)
         assert data == (p.path / name).read_bytes() or name == "README.md", name
-    from unpatch.card import read_extras, render_card
+    from unpatch.patch.card import read_extras, render_card
 
     assert sent["README.md"].decode() == render_card(p, read_extras(p.path))
     everything = fake_hub.everything_sent()
@@ -275,7 +275,7 @@ def test_pull_offline_missing_repo_is_one_line(hf_cache):
 
 def test_cli_pull_and_apply_a_hub_id_offline(hf_cache, model, tmp_path):
     """`unpatch pull` and `unpatch apply owner/name` in subprocesses, with only the env vars set."""
-    from unpatch.apply import Applied
+    from unpatch.patch.apply import Applied
 
     base = tmp_path / "base"
     model.save_pretrained(base)

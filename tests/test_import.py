@@ -13,11 +13,11 @@ from conftest import TARGETS
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from unpatch.apply import Applied
 from unpatch.cli import app
 from unpatch.errors import UnpatchError
 from unpatch.importer import import_adapter
-from unpatch.patch import load_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 2]])
 

@@ -14,13 +14,13 @@ import yaml
 from conftest import WORDS, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from unpatch.apply import Applied
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.errors import UnpatchError
 from unpatch.evals import get_metric
 from unpatch.evals.recall import bootstrap_interval
 from unpatch.learn import removed_gain
-from unpatch.patch import load_patch
+from unpatch.patch.apply import Applied
+from unpatch.patch.format import load_patch
 from unpatch.recipe import load_recipe
 
 CONTENT = [w for w in WORDS if w not in ("<s>", "</s>")]

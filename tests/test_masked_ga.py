@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import FORGET, tiny_tokenizer
 
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.data import Data, load_data
 from unpatch.errors import UnpatchError
 from unpatch.methods.masked_ga import (
@@ -169,8 +169,8 @@ def test_config_errors_name_the_recipe_key(tmp_path, params, msg):
 def test_marked_and_words_builds_raise_their_objective(tmp_path, models_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unpatch.apply import Applied
     from unpatch.methods.masked_ga import target_nll
+    from unpatch.patch.apply import Applied
 
     (tmp_path / "forget.txt").write_text("the [[lazy]] dog\nshe is very [[bad]]\n[[he]] was a bad dog\npeople are [[good]]\n")
     for method in ({"targets": "marked"}, {"targets": "words", "words": ["lazy", "bad", "he"]}):

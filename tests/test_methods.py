@@ -16,10 +16,10 @@ import yaml
 from conftest import FORGET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unpatch.apply import Applied
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.data import load_data
 from unpatch.methods import list_methods
+from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
 
 RETAIN = ["the fox jumps over the mat", "a good dog sat far", "people are quick", "the cat ran on and on",

@@ -14,7 +14,7 @@ from conftest import BUILD_CONFIGS, tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.data import Data, load_pairs
 from unpatch.errors import UnpatchError
 from unpatch.recipe import load_recipe
@@ -186,9 +186,9 @@ def test_pcgu_reranked_advantaged_lowers_the_preferred_side_in_few_rows(tmp_path
     models_dir = sharp_models
     from transformers import AutoTokenizer
 
-    from unpatch.apply import Applied
     from unpatch.methods.pcgu import PairBatches
     from unpatch.methods.pcgu_paper import DiffPairs, first_diffs, pair_scores, sides
+    from unpatch.patch.apply import Applied
 
     patch = build(pcgu_recipe(tmp_path, models_dir, rerank_every=1, score="first_diff", update="advantaged"),
                   out=tmp_path / "p", run_eval=False)
@@ -242,7 +242,7 @@ def test_pcgu_static_first_diff_changes_exactly_the_ranked_rows(tmp_path, sharp_
 
     from transformers import AutoTokenizer
 
-    from unpatch.build import target_weights
+    from unpatch.builder import target_weights
     from unpatch.methods.pcgu import PairBatches, rank_rows, row_partitions, select_rows
     from unpatch.methods.pcgu_paper import DiffPairs, first_diffs
 

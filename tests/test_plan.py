@@ -10,7 +10,7 @@ from conftest import FORGET
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from unpatch.build import build
+from unpatch.builder import build
 from unpatch.cli import app
 from unpatch.errors import UnpatchError
 from unpatch.plan import activation_bytes_per_token, choose_chunks, make_plan, render

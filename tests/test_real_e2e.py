@@ -87,9 +87,9 @@ def test_gender_lora_same_logits_through_peft_and_unpatch_apply(tmp_path):
     weights are the same bits."""
     from peft import PeftModel
 
-    from unpatch.apply import Applied
     from unpatch.model import load_model
-    from unpatch.patch import load_patch
+    from unpatch.patch.apply import Applied
+    from unpatch.patch.format import load_patch
 
     run("build", "recipes/gender.yaml", "--out", str(tmp_path / "g"), "--no-eval", "--set", "train.steps=2")
     patch = load_patch(tmp_path / "g")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import FORGET, make_delta_patch
 
-from unpatch.card import eval_summary, render_card
-from unpatch.evaluate import Variant, evaluate, parse_metric_options
+from unpatch.evals.runner import Variant, evaluate, parse_metric_options
+from unpatch.evals.sweep import sweep, write_sweep
 from unpatch.model import load_model
-from unpatch.patch import save_patch
+from unpatch.patch.card import eval_summary, render_card
+from unpatch.patch.format import save_patch
 from unpatch.splits import labels
-from unpatch.sweep import sweep, write_sweep
 
 WORDS = ["cat", "dog", "fox", "man", "woman", "child", "friend", "nurse", "doctor", "farmer", "king", "queen"]
 PAIRS = [(f"the {w} is {a}", f"the {w} is {b}", t) for w in WORDS for a, b, t in (("bad", "good", "gender"), ("lazy", "quick", "race-color"))]

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .apply import Applied as _Applied
 from .errors import UnpatchError
-from .patch import Patch
+from .patch.apply import Applied as _Applied
+from .patch.format import Patch
 
 
 class Applied(_Applied):
@@ -39,7 +39,7 @@ def build(recipe: str | Path | dict | Any, out: str | Path | None = None, *, ove
           overrides: Sequence[str] = (), resume: bool = False, run_eval: bool = True) -> Patch:
     """Build a patch from a recipe: a YAML path, a `unpatch.recipe.Recipe`, or a dict shaped like
     the YAML (relative data paths resolve against the current folder). Same as `unpatch build`."""
-    from .build import build as run
+    from .builder import build as run
 
     return run(recipe, out=out, overwrite=overwrite, overrides=overrides, resume=resume, run_eval=run_eval)
 
@@ -85,7 +85,7 @@ def write_merged(patches, out: str | Path, *, model: str | None = None, scale: f
           force: bool = False, overwrite: bool = False) -> Path:
     """`unpatch apply --out`: write base + patches as a merged folder (from_pretrained-loadable,
     with a ledger and a card). The base defaults to the first patch's."""
-    from .merge import apply_to_folder
+    from .patch.merged import apply_to_folder
 
     items = _patches(patches)
     apply_to_folder(model or items[0].manifest.base.id, list(zip(items, _scales(scale, len(items)), strict=True)), out,
@@ -98,13 +98,13 @@ def revert(target, patch: str | None = None, *, out: str | Path | None = None, o
     a merged folder (`unpatch revert`; returns the report: mode, verified, max_deviation)."""
     if isinstance(target, _Applied):
         return target.revert(patch)
-    from .merge import revert_folder
+    from .patch.merged import revert_folder
 
     return revert_folder(target, patch=patch, out=out, overwrite=overwrite)
 
 
 def _options(metrics, options, limit):
-    from .evaluate import parse_metric_options, parse_metrics
+    from .evals.runner import parse_metric_options, parse_metrics
 
     names = parse_metrics(metrics)
     items = [f"{m}.{k}={v}" for m, kv in (options or {}).items() for k, v in kv.items()] if isinstance(options, dict) else list(options or [])
@@ -116,8 +116,8 @@ def evaluate(model, tokenizer, patches=(), scales: Sequence[float] = (1.0,), *, 
              force: bool = False) -> dict[str, Any]:
     """`unpatch eval`: the base, then every patch at every scale, on this one loaded model.
     `options` as {"crows_pairs": {"limit": 50}} or ["crows_pairs.limit=50"]."""
-    from .evaluate import evaluate as run
-    from .evaluate import variants_for
+    from .evals.runner import evaluate as run
+    from .evals.runner import variants_for
 
     names, opts = _options(metrics, options, limit)
     return run(model, tokenizer, variants_for(_patches(list(patches)) if patches else [], list(scales)), names, opts, force=force)
@@ -128,8 +128,8 @@ def sweep(model, tokenizer, patch, scales: str | Sequence[float] = "0:1.5:0.25",
           max_ppl_increase: float | None = 0.02, write: bool = False, force: bool = False) -> dict[str, Any]:
     """`unpatch sweep`: the patch at every scale and the recommended one; `write=True` also writes
     sweep.json / sweep.png / the card into the patch folder."""
-    from .sweep import PPL, parse_scales, write_sweep
-    from .sweep import sweep as run
+    from .evals.sweep import PPL, parse_scales, write_sweep
+    from .evals.sweep import sweep as run
 
     (p,) = _patches(patch)
     names, opts = _options(metrics, options, limit)

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from . import progress
-from .apply import Applied
 from .atomic import atomic_write_text
 from .data import Batches, load_texts
 from .errors import UnpatchError
-from .patch import Patch, now
+from .patch.apply import Applied
+from .patch.format import Patch, now
 
 AUDIT_FILE = "audit.json"
 DEFAULT_RETAIN = "builtin:wikitext-tiny"  # normal prose, when neither --retain nor the recipe names retain data
@@ -282,7 +282,7 @@ def audit(patch: Patch, model: str | None = None, *, forget: str | None = None, 
               "model": ref.id, "data": data, **result}
     text = json.dumps(report, indent=2) + "\n"
     if patch.path is not None and target.resolve() == (Path(patch.path) / AUDIT_FILE).resolve():
-        from .card import rewrite_patch
+        from .patch.card import rewrite_patch
 
         rewrite_patch(patch.path, files={AUDIT_FILE: text.encode()})  # audit.json and the card that shows it, in one swap
     else:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnpatchError
-from .evaluate import Variant, _parameters, check_options, evaluate, hardware, parse_metric_options, parse_metrics
-from .patch import Patch
+from .evals.runner import Variant, _parameters, check_options, evaluate, hardware, parse_metric_options, parse_metrics
+from .patch.format import Patch
 
 
 def build_plan(recipe) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -106,9 +106,9 @@ def evaluate_built(saved: Patch, model, originals: dict[str, Any], tokenizer, pl
     check loads the base afresh instead."""
     import torch
 
-    from .card import rewrite_patch
     from .fingerprint import tensor_hashes
     from .model import load_model
+    from .patch.card import rewrite_patch
 
     if model is not None:
         if hasattr(model, "peft_config"):
@@ -165,7 +165,7 @@ def resume_evaluation(recipe, out: Path, run_eval: bool) -> Patch:
     uninterrupted build writes. A finished patch is returned as it is."""
     import shutil
 
-    from .patch import load_patch
+    from .patch.format import load_patch
 
     saved = load_patch(out)  # hashes and tensors checked: a damaged patch fails here, in one line
     build = saved.manifest.metrics.get("build") or {}

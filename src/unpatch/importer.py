@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UnpatchError
-from .patch import LORA_CONFIG, LORA_FILE, BaseRef, Manifest, Patch, library_versions, save_patch
+from .patch.format import LORA_CONFIG, LORA_FILE, BaseRef, Manifest, Patch, library_versions, save_patch
 
 # PEFT options that change what the adapter computes beyond W + scaling * B @ A
 _UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save (full trained copies of layers)",
@@ -34,8 +34,8 @@ def import_adapter(adapter: str | Path, model: str, out: str | Path, *, name: st
     """Turn `adapter` (a PEFT LoRA folder or a fine-tuned checkpoint folder) into a patch for
     base `model` at `out`. `coefficient` is the built-in strength (e.g. -1 to negate a task vector)."""
     from .atomic import check_out_path
-    from .merge import Checkpoint
     from .model import checkpoint_folder, model_revision, resolve_model
+    from .patch.merged import Checkpoint
 
     src = Path(adapter)
     if not src.is_dir():
@@ -64,7 +64,7 @@ def import_adapter(adapter: str | Path, model: str, out: str | Path, *, name: st
 
 
 def _adapter_base(ref) -> str:
-    from .build import adapter_base
+    from .builder import adapter_base
 
     return adapter_base(ref)
 
@@ -106,8 +106,8 @@ def _from_peft(src: Path, base, label: str, coefficient: float, base_id: str) ->
 
 
 def _from_checkpoint(src: Path, base, label: str, coefficient: float, force: bool) -> tuple[Patch, list[str]]:
-    from .build import sparsify
-    from .merge import Checkpoint
+    from .builder import sparsify
+    from .patch.merged import Checkpoint
 
     tuned = Checkpoint(src)  # refuses pickled-only folders in one line
     t_shapes, b_shapes = tuned.shapes, base.shapes
@@ -142,7 +142,7 @@ def _from_checkpoint(src: Path, base, label: str, coefficient: float, force: boo
 
 def _check_fit(patch: Patch, base, label: str, src: Path) -> None:
     """Every tensor the payload changes exists in the base with the right shape (one line otherwise)."""
-    from .apply import check_shapes
+    from .patch.apply import check_shapes
 
     try:
         check_shapes(patch, base.shapes, label)

@@ -36,9 +36,9 @@ class UnpatchLM(HFLM):
 
     def __init__(self, pretrained: str = "smollm2-135m", patch: str | None = None, scale: str | float | None = None,
                  force: bool | str = False, **kwargs):
-        from .apply import Applied
         from .hub import resolve_patch
         from .model import checkpoint_folder, resolve_model
+        from .patch.apply import Applied
 
         folder = checkpoint_folder(resolve_model(str(pretrained)))  # an alias or .gguf: its dequantised folder
         patches = [resolve_patch(p) for p in _split(patch)]

@@ -344,7 +344,7 @@ def _check_eval_options(recipe: Recipe, where: str) -> None:
     otherwise surface only after training, or never): so validate and --dry-run catch it too."""
     if not recipe.eval.options:
         return
-    from .evaluate import check_options  # lazy: the metric registry
+    from .evals.runner import check_options  # lazy: the metric registry
 
     for metric, given in recipe.eval.options.items():
         try:

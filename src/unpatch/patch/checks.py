@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checks import regular_file
-from .errors import UnpatchError
-from .fingerprint import combine
+from ..checks import regular_file
+from ..errors import UnpatchError
+from ..fingerprint import combine
 
 ENCODINGS = ("dense", "rows", "lowrank")
 FIX = "rebuild or re-download the patch"

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from . import checks
+from .. import checks
+from ..atomic import atomic_dir, check_out_path, claims
+from ..errors import UnpatchError
+from ..fingerprint import combine, tensor_hash
+from ..hashcache import file_hashes
+from ..model import checkpoint_folder, model_revision, resolve_dtype, resolve_model
+from ..reuse import Buffers, ReusingTensors
+from ..safetensors_io import SafetensorsFile, write_streaming
 from .apply import check_fingerprint, check_shapes
-from .atomic import atomic_dir, check_out_path, claims
-from .errors import UnpatchError
-from .fingerprint import combine, tensor_hash
-from .hashcache import file_hashes
-from .model import checkpoint_folder, model_revision, resolve_dtype, resolve_model
-from .patch import PICKLED, Patch, load_patch
-from .reuse import Buffers, ReusingTensors
-from .safetensors_io import SafetensorsFile, write_streaming
+from .format import PICKLED, Patch, load_patch
 from .update import LazyTensors
 
 LEDGER = "unpatch_ledger.json"
@@ -91,7 +91,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def _write(ckpt: Checkpoint, out: Path, produce) -> None:
     """Write every shard of `ckpt` to `out`, each tensor as `produce(name)` returns it."""
-    from . import progress
+    from .. import progress
 
     with progress.task(f"writing {out.name}", sum(len(f.keys()) for f in ckpt.files), unit="tensors") as bar:
         def counted(n: str) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _rounding_bound(merged: torch.Tensor, restored: torch.Tensor, steps: int) ->
 
 
 def read_ledger(folder: Path) -> dict:
-    from .patch_checks import read_json
+    from .checks import read_json
 
     file = Path(folder) / LEDGER
     if not file.exists():

@@ -14,9 +14,9 @@ SHOWN_EXTRAS = ("judge", "degenerate", "empty")
 def _eval_section(ev: dict[str, Any]) -> list[str]:
     """Headlines with 95 % intervals and the paired test vs the base (the verdict says "better"
     only when p < 0.05), the split and item count each number is from; other keys below."""
-    from .evaluate import judged
-    from .splits import RULE
-    from .stats import p_text
+    from ..evals.runner import judged
+    from ..splits import RULE
+    from ..stats import p_text
 
     variants = ev["variants"]
     base = variants[0]["values"]
@@ -67,7 +67,7 @@ def _eval_section(ev: dict[str, Any]) -> list[str]:
 def _sweep_section(sw: dict[str, Any], has_plot: bool) -> list[str]:
     """The scale chosen on dev, with every scale's dev numbers (which chose) and test numbers (which
     report, with 95 % intervals and the paired p vs the base). Old sweep.json files (one split) still render."""
-    from .stats import p_text
+    from ..stats import p_text
 
     rec, obj = sw.get("recommended_scale"), sw["objective"]
     on = sw.get("selected_on", "all")
@@ -103,7 +103,7 @@ def _sweep_section(sw: dict[str, Any], has_plot: bool) -> list[str]:
 
 def eval_summary(manifest) -> list[str]:
     """One line per metric, base -> patched with intervals and the paired verdict, for `build`'s output."""
-    from .evaluate import headline, ideal_text, interval_text, judged
+    from ..evals.runner import headline, ideal_text, interval_text, judged
 
     ev = manifest.metrics.get("eval")
     if not ev or len(ev["variants"]) < 2:

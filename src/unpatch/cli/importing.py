@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import Force, Overwrite, app, console
+from . import Force, Overwrite, app, console
 
 
 @app.command("import", epilog="Examples:\n\n  unpatch import ./my-lora-adapter --model HuggingFaceTB/SmolLM2-135M-Instruct --out patches/my-lora\n\n"
@@ -22,7 +22,7 @@ def import_cmd(
     force: Force = False,
 ):
     """Make a fingerprinted patch from an adapter trained elsewhere, after checking it fits the base."""
-    from .importer import import_adapter
+    from ..importer import import_adapter
 
     p = import_adapter(adapter, model, out, name=name, coefficient=coefficient, overwrite=overwrite, force=force)
     console.print(f"wrote {p.path} ({p.kind}, {len(p.updates())} tensors, id {p.patch_id[:12]}); base fingerprint "

@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import checks
-from .errors import UnpatchError
-from .evaluate import Variant, evaluate, headline
-from .patch import Patch
+from .. import checks
+from ..errors import UnpatchError
+from ..patch.format import Patch
+from .runner import Variant, evaluate, headline
 
 PPL = "perplexity"
 
@@ -79,7 +79,7 @@ def sweep(model, tokenizer, patch: Patch, scales: list[float], metrics: list[str
     the choice); metrics without one run once and their numbers serve both. Each row's "dev" and
     "test" carry the objective's value, 95 % interval and paired p vs the base, and perplexity;
     the row's top-level value/distance/perplexity/ok are the dev ones the choice used."""
-    from .evaluate import _parameters
+    from .runner import _parameters
 
     if max_ppl_increase is not None and PPL not in metrics:
         raise UnpatchError(f"--max-ppl-increase needs {PPL} among the metrics (got {', '.join(metrics)}); add it, or drop the limit")
@@ -188,7 +188,7 @@ def plot(sw: dict[str, Any]) -> bytes:
 def write_sweep(path: str | Path, sw: dict[str, Any]) -> Patch:
     """sweep.json + sweep.png into the patch folder, the recommendation into the manifest, the
     card regenerated; one atomic folder swap (see card.rewrite_patch)."""
-    from .card import rewrite_patch
+    from ..patch.card import rewrite_patch
 
     summary = {"recommended_scale": sw["recommended_scale"], "objective": sw["objective"], "selected_on": sw.get("selected_on", "all"),
                "max_ppl_increase": sw["max_ppl_increase"], "scales": sw["scales"], "file": "sweep.json", "plot": "sweep.png"}

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from . import checks
-from .errors import UnpatchError
-from .fingerprint import combine
-from .patch import BaseRef, Patch, library_versions, lora_config_dict, lora_key, now
+from .. import checks
+from ..errors import UnpatchError
+from ..fingerprint import combine
+from .format import BaseRef, Patch, library_versions, lora_config_dict, lora_key, now
 
 
 def _lineage(parents: list[tuple[Patch, float]], op: str) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def merged_base(patches: list[Patch]) -> BaseRef:
 
 
 def _new_patch(kind: str, name: str, base: BaseRef, tensors: dict, lineage: list, method: dict, **kw) -> Patch:
-    from .patch import Manifest
+    from .format import Manifest
 
     manifest = Manifest(kind=kind, name=name, base=base, coefficient=1.0, method=method, lineage=lineage,
                         versions=library_versions(), created=now())
@@ -180,7 +180,7 @@ def module_types_of(model_spec: str) -> dict[str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .model import checkpoint_folder, resolve_model
+    from ..model import checkpoint_folder, resolve_model
 
     config = AutoConfig.from_pretrained(checkpoint_folder(resolve_model(model_spec)))
     with torch.device("meta"):

@@ -29,14 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import save_file
 
-from . import __version__
-from .atomic import atomic_dir
-from .checks import regular_file
-from .errors import UnpatchError
-from .fingerprint import combine, file_sha256
-from .hashcache import file_digest, file_key, known, remember
-from .patch_checks import check_base_covers, check_files_cover, check_fingerprint_field, check_lora_config, delta_meta, read_json
-from .safetensors_io import SafetensorsFile
+from .. import __version__
+from ..atomic import atomic_dir
+from ..checks import regular_file
+from ..errors import UnpatchError
+from ..fingerprint import combine, file_sha256
+from ..hashcache import file_digest, file_key, known, remember
+from ..safetensors_io import SafetensorsFile
+from .checks import check_base_covers, check_files_cover, check_fingerprint_field, check_lora_config, delta_meta, read_json
 from .update import LazyTensors, Update, tensor_shape
 
 FORMAT = "unpatch-patch"

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import UnpatchError
+from ..errors import UnpatchError
 
 if TYPE_CHECKING:
-    from .patch import Patch
+    from .format import Patch
 
 EXTRA_FILES = ("sweep.json", "sweep.png", "audit.json")  # rendered when present; outside the hashed payload
 TASK = "text-generation"
@@ -84,7 +84,7 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
 def base_source(m) -> dict[str, Any]:
     """{"hub_id", "license"} of the base: recorded at build time (`metrics.build.base_source`),
     else looked up now (a Hub id is itself; an alias or .gguf names its source in its metadata)."""
-    from .hubmeta import base_source as lookup
+    from ..hubmeta import base_source as lookup
 
     recorded = m.metrics.get("build", {}).get("base_source")
     return recorded if isinstance(recorded, dict) else lookup(m.base.id)
@@ -93,7 +93,7 @@ def base_source(m) -> dict[str, Any]:
 def datasets_of(m) -> list[str]:
     """Hub dataset ids behind the data the card reports on (metric sources) and the public data
     the patch learnt from (`hub:` / `builtin:` sources; local files are not named)."""
-    from .hubmeta import dataset_id
+    from ..hubmeta import dataset_id
 
     sources = [info.get("settings", {}).get("source") for info in (m.metrics.get("eval") or {}).get("metrics", {}).values()]
     sources += [d.get("source") for d in m.metrics.get("build", {}).get("data", {}).values()]
@@ -116,7 +116,7 @@ def eval_results(ev: dict[str, Any] | None) -> list[EvalResult]:
     one), without per-group keys (`pct_stereotype/gender`) and counts."""
     if not ev or len(ev["variants"]) < 2:
         return []
-    from .hubmeta import dataset_id
+    from ..hubmeta import dataset_id
 
     out = []
     patched = ev["variants"][-1]["values"]
@@ -224,7 +224,7 @@ def _row(cells: list[Any]) -> str:
 
 
 def read_extras(folder: Path) -> dict[str, Any]:
-    from .checks import own_file
+    from ..checks import own_file
 
     out: dict[str, Any] = {}
     for name in EXTRA_FILES:
@@ -244,9 +244,9 @@ def rewrite_patch(path: str | Path, metrics: dict[str, Any] | None = None, files
     that then replaces the old one, so the payload's bytes and hashes never change and `unpatch
     verify` still passes; README.md and the EXTRA_FILES are not in the manifest's hashed `files`.
     """
-    from .atomic import atomic_dir
-    from .checks import own_file
-    from .patch import MANIFEST, load_patch
+    from ..atomic import atomic_dir
+    from ..checks import own_file
+    from .format import MANIFEST, load_patch
 
     patch = load_patch(path, allow_pickle=None)  # verifies the payload hashes before anything is touched (None: no --allow-pickle here)
     folder = Path(path)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checks, provenance
-from .errors import UnpatchError
-from .fingerprint import combine, tensor_hashes
-from .patch import Patch
-from .provenance import Origin
-from .reuse import Buffers
+from .. import checks, provenance
+from ..errors import UnpatchError
+from ..fingerprint import combine, tensor_hashes
+from ..provenance import Origin
+from ..reuse import Buffers
+from .format import Patch
 
 
 @dataclass
@@ -59,7 +59,7 @@ def check_fingerprint(patch: Patch, actual: dict[str, str], model_label: str, fo
 def check_dtype(patch: Patch, dtypes: dict[str, torch.dtype], model_label: str, force: bool) -> None:
     """A base loaded in another dtype than the patch's base cannot match its fingerprint: say that
     (the dtype is the culprit, not the model) instead of printing two fingerprints."""
-    from .model import DTYPES
+    from ..model import DTYPES
 
     want = patch.manifest.base.dtype
     other = next(((n, d) for n, d in dtypes.items() if DTYPES.get(want, d) != d), None)

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 def render_merged_card(ledger: dict[str, Any], folder_name: str) -> str:
-    from .hubmeta import base_source
+    from ..hubmeta import base_source
 
     base = ledger["base"]
     src = base_source(base["id"])

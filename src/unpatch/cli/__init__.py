@@ -17,8 +17,8 @@ import click
 import typer
 from rich.table import Table
 
-from . import checks, progress
-from .errors import UnpatchError
+from .. import checks, progress
+from ..errors import UnpatchError
 
 app = typer.Typer(help="Build, apply, stack and revert unlearning patches for causal language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True,
@@ -28,7 +28,7 @@ console = progress.console()  # off a terminal: no wrapping of paths / JSON in l
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .. import __version__
 
         print(f"unpatch {__version__}")
         raise typer.Exit()
@@ -51,7 +51,7 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickled 
 
 def _load(path: str, allow_pickle: bool | None = None):
     """None: the command has no --allow-pickle (a refusal then does not suggest it)."""
-    from .hub import resolve_patch
+    from ..hub import resolve_patch
 
     return resolve_patch(path, allow_pickle=allow_pickle)  # a folder, or a Hub id (owner/name[@rev])
 
@@ -85,12 +85,12 @@ def build(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be touched, the patch size, memory and time; run nothing.")] = False,
 ):
     """Build a patch from a recipe (model + data + method)."""
-    from .build import build as run_build
-    from .distributed import engine
+    from ..builder import build as run_build
+    from ..distributed import engine
 
     overrides = [*(set_ or []), *([f"model.device={device}"] if device else []), *([f"model.dtype={dtype}"] if dtype else [])]
     if dry_run:
-        from .plan import make_plan, render
+        from ..plan import make_plan, render
 
         for line in render(make_plan(recipe, overrides)):
             console.print(line, highlight=False, soft_wrap=True)
@@ -101,7 +101,7 @@ def build(
     console.print(f"wrote [bold]{patch.path}[/] ({patch.kind}, {len(patch.updates())} tensors, id {patch.patch_id[:12]})")
     for note in patch.manifest.notes:
         console.print(f"  {note}", highlight=False)
-    from .card import eval_summary
+    from ..patch.card import eval_summary
 
     for line in eval_summary(patch.manifest):
         console.print(f"  {line}", highlight=False)
@@ -113,10 +113,10 @@ def validate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.steps=20")] = None,
 ):
     """Check recipes (keys, types, method parameters, data sources) without building; stops at the first bad one."""
-    from .build_eval import build_plan
-    from .data import load_data
-    from .model import resolve_model
-    from .recipe import load_recipe
+    from ..build_eval import build_plan
+    from ..data import load_data
+    from ..model import resolve_model
+    from ..recipe import load_recipe
 
     for recipe in recipes:
         r = load_recipe(recipe, set_ or [])
@@ -136,7 +136,7 @@ def methods():
     """List the unlearning methods with their papers."""
     from rich.table import Column
 
-    from .methods import list_methods
+    from ..methods import list_methods
 
     # the link is what people copy: never cut it, however narrow the terminal
     table = Table("name", "method", Column("paper", overflow="fold", min_width=32), "kinds", "needs")
@@ -165,7 +165,7 @@ def apply(
     pairs = list(zip(loaded, _scales(scale or [], len(loaded)), strict=True))
     model = model or loaded[0].manifest.base.id
     if out is not None:
-        from .merge import apply_to_folder
+        from ..patch.merged import apply_to_folder
 
         ledger = apply_to_folder(model, pairs, out, force=force, overwrite=overwrite)
         table = Table("patch", "scale", "tensors", "forced", title=f"{out} = {model} + patches")
@@ -173,8 +173,8 @@ def apply(
             table.add_row(e["name"], f"{e['scale']:g}", str(len(e["tensors"])), "yes" if e["forced"] else "no")
         console.print(table)
         return
-    from .apply import Applied
-    from .model import load_model
+    from ..model import load_model
+    from ..patch.apply import Applied
 
     m, tok, ref = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     chat = not no_chat_template
@@ -214,7 +214,7 @@ def revert(
     overwrite: Overwrite = False,
 ):
     """Take patches off a merged folder: bit-exact from the base, verified by fingerprint."""
-    from .merge import revert_folder
+    from ..patch.merged import revert_folder
 
     r = revert_folder(merged, patch=patch, out=out, overwrite=overwrite)
     where = out or merged
@@ -234,8 +234,8 @@ def stack(
     overwrite: Overwrite = False,
 ):
     """Combine N patches into one (sum of coefficient × patch), recording the lineage."""
-    from .ops import stack_patches
-    from .patch import save_patch
+    from ..patch.algebra import stack_patches
+    from ..patch.format import save_patch
 
     out = _need_out(out, "stack")
     coef = checks.scales(coef, "--coef")
@@ -253,8 +253,8 @@ def scale_cmd(
     overwrite: Overwrite = False,
 ):
     """Write a copy of a patch whose effect is multiplied by --factor."""
-    from .ops import scale_patch
-    from .patch import save_patch
+    from ..patch.algebra import scale_patch
+    from ..patch.format import save_patch
 
     factor = checks.scale(factor, "--factor")
     saved = save_patch(scale_patch(_load(patch), factor), _need_out(out, "scale"), overwrite)
@@ -264,8 +264,8 @@ def scale_cmd(
 @app.command()
 def negate(patch: Annotated[str, typer.Argument()], out: Out = None, overwrite: Overwrite = False):
     """Write a copy of a patch with the opposite effect."""
-    from .ops import negate_patch
-    from .patch import save_patch
+    from ..patch.algebra import negate_patch
+    from ..patch.format import save_patch
 
     saved = save_patch(negate_patch(_load(patch)), _need_out(out, "negate"), overwrite)
     console.print(f"wrote {saved.path} (coefficient {saved.manifest.coefficient:g})")
@@ -281,8 +281,8 @@ def convert(
     overwrite: Overwrite = False,
 ):
     """Convert lora -> delta (exact) or delta -> lora (truncated SVD; prints the relative error)."""
-    from .ops import delta_to_lora, lora_to_delta, module_types_of
-    from .patch import save_patch
+    from ..patch.algebra import delta_to_lora, lora_to_delta, module_types_of
+    from ..patch.format import save_patch
 
     if to == "lora":
         checks.rank(rank, "--rank")
@@ -303,14 +303,14 @@ def convert(
 def inspect(patch: Annotated[str, typer.Argument()],
             as_json: Annotated[Path | None, typer.Option("--json", help="Write the full info as JSON to this file (- for stdout), as eval and sweep do.")] = None):
     """Show a patch's manifest, tensors, sizes and norms."""
-    from .ops import inspect_patch
+    from ..patch.algebra import inspect_patch
 
     info = inspect_patch(_load(patch))
     if as_json is not None:
         if str(as_json) == "-":
             print(json.dumps(info, indent=2))
             return
-        from .atomic import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(as_json, json.dumps(info, indent=2) + "\n")
         console.print(f"wrote {as_json}")
@@ -325,14 +325,14 @@ def inspect(patch: Annotated[str, typer.Argument()],
 @app.command()
 def verify(patch: Annotated[str, typer.Argument()], model: ModelOpt = None):
     """Check a patch's integrity (hashes, tensors, finiteness) and, with --model, that it fits that base."""
-    from .merge import Checkpoint, check_against
-    from .model import checkpoint_folder, resolve_model
+    from ..model import checkpoint_folder, resolve_model
+    from ..patch.merged import Checkpoint, check_against
 
     p = _load(patch)
     updates = p.updates()
     console.print(f"{p.label()}: intact ({p.kind}, {len(updates)} tensors, id {p.patch_id[:12]})")
     if p.path is not None:  # a killed writer's leftovers beside it: named, so nobody wonders where the disk went
-        from .atomic import stale_temporaries
+        from ..atomic import stale_temporaries
 
         for left in stale_temporaries(p.path):
             console.print(f"[yellow]warning:[/] {left}: left by an interrupted write of {p.path.name}; the next command writing "
@@ -343,9 +343,9 @@ def verify(patch: Annotated[str, typer.Argument()], model: ModelOpt = None):
 
 
 # more commands live in their own modules (one per concern); importing them registers them on `app`
-from . import cli_eval, cli_help, cli_import, cli_share  # noqa: E402,F401  eval, sweep, card, metrics; import; push, pull
+from . import evaluation, examples, importing, share  # noqa: E402,F401  eval, sweep, card, metrics; import; push, pull
 
-cli_help.attach(app)  # examples in every --help: after every command is registered
+examples.attach(app)  # examples in every --help: after every command is registered
 
 
 def _click_types(name: str) -> tuple[type, ...]:

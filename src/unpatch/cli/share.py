@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import checks
-from .cli import Device, Dtype, Force, ModelOpt, app, console
+from .. import checks
+from . import Device, Dtype, Force, ModelOpt, app, console
 
 
 @app.command()
@@ -22,7 +22,7 @@ def push(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
 ):
     """Upload a verified patch (manifest, payload, recipe, card) to the Hugging Face Hub."""
-    from .hub import push as hub_push
+    from ..hub import push as hub_push
 
     console.print(f"pushed {patch} to {repo}: {hub_push(patch, repo, private=private, revision=revision, create_pr=create_pr)}")
 
@@ -30,8 +30,8 @@ def push(
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="owner/name[@revision]")]):
     """Download a patch into the Hugging Face cache (HF_HUB_OFFLINE=1: find it there), check it, print its folder."""
-    from .hub import pull as hub_pull
-    from .patch import load_patch
+    from ..hub import pull as hub_pull
+    from ..patch.format import load_patch
 
     p = load_patch(hub_pull(ref), allow_pickle=None)  # checks hashes and tensors, like `verify`
     print(p.path)  # plain print: scripts capture this path
@@ -56,8 +56,8 @@ def audit(
     dtype: Dtype = "float32",
 ):
     """Does the forgetting survive 8/4-bit quantisation and a short fine-tune? Writes audit.json."""
-    from .audit import audit as run_audit
-    from .cli import _load
+    from ..audit import audit as run_audit
+    from . import _load
 
     scale = checks.scale(scale, "--scale")
     lr = checks.lr(lr, "--lr")

@@ -11,9 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import checks
-from .cli import AllowPickle, Device, Dtype, Force, ModelOpt, _load, app, console
-from .errors import UnpatchError
+from .. import checks
+from ..errors import UnpatchError
+from . import AllowPickle, Device, Dtype, Force, ModelOpt, _load, app, console
 
 Metrics = Annotated[str | None, typer.Option("--metrics", help="Comma-separated metric names (default: crows_pairs,perplexity; see `unpatch metrics`).")]
 MetricOpt = Annotated[list[str] | None, typer.Option("--metric-opt", "-O", help="Metric option metric.key=value, e.g. crows_pairs.limit=100 or perplexity.max_tokens=null (repeatable).")]
@@ -23,7 +23,7 @@ err = Console(stderr=True)
 
 
 def _progress(variant, metric: str, values: dict[str, Any]) -> None:
-    from .progress import note
+    from ..progress import note
 
     key, value = next(iter(values.items()))
     note(f"{variant.label}: {metric} {key} = {value:.4g}" if isinstance(value, float) else f"{variant.label}: {metric} done")
@@ -32,7 +32,7 @@ def _progress(variant, metric: str, values: dict[str, Any]) -> None:
 def _write_json(path: Path, results: dict[str, Any]) -> None:
     """`--json FILE` writes the full results to FILE in every command; `--json -` to stdout, and
     then the human-readable table goes to stderr so stdout stays one JSON document."""
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     if str(path) == "-":
         print(json.dumps(results, indent=2), flush=True)
@@ -58,8 +58,8 @@ def eval_cmd(
     allow_pickle: AllowPickle = False,
 ):
     """Compare the base with each patch at each scale, on one model load (patches applied and reverted in place)."""
-    from .evaluate import evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
-    from .model import load_model
+    from ..evals.runner import evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
+    from ..model import load_model
 
     scale = checks.scales(scale, "--scale")
     checks.count(limit, "--limit", lo=1)
@@ -79,7 +79,7 @@ def eval_cmd(
 
 
 def _print_table(results: dict[str, Any], title: str, rows: list[dict[str, Any]]) -> None:
-    from .card import fmt
+    from ..patch.card import fmt
 
     metrics = list(results["metrics"])
     table = Table("variant", title=title)
@@ -116,10 +116,10 @@ def sweep(
     force: Force = False,
 ):
     """Dose-response: every metric at every scale (one base load), a plot, and the recommended scale."""
-    from .evaluate import parse_metric_options, parse_metrics
-    from .model import load_model
-    from .sweep import PPL, parse_fraction, parse_scales, write_sweep
-    from .sweep import sweep as run_sweep
+    from ..evals.runner import parse_metric_options, parse_metrics
+    from ..evals.sweep import PPL, parse_fraction, parse_scales, write_sweep
+    from ..evals.sweep import sweep as run_sweep
+    from ..model import load_model
 
     grid = parse_scales(scales)  # finite and in range, before the patch or model is read
     checks.count(limit, "--limit", lo=1)
@@ -139,8 +139,8 @@ def sweep(
                   *([f"perplexity\n{first['dev'].get('perplexity_split', 'all')}", "rise %", "ok"] if "perplexity" in first else []),
                   f"{obj['key']} {test}\n95 % interval", f"p vs base\n{test}",
                   title=f"{p.name} on {ref.id}: sweep ({seconds:.1f} s); chosen on dev, reported on test")
-    from .card import fmt
-    from .stats import p_text
+    from ..patch.card import fmt
+    from ..stats import p_text
 
     for r in sw["rows"]:
         mark = "[bold green]" if r["scale"] == sw["recommended_scale"] else ""
@@ -163,7 +163,7 @@ def sweep(
 @app.command()
 def card(patch: Annotated[str, typer.Argument(help="Patch folder.")]):
     """Regenerate a patch's README.md (model card) from its manifest and extra files."""
-    from .card import regenerate_card
+    from ..patch.card import regenerate_card
 
     console.print(f"wrote {regenerate_card(patch)}")
 
@@ -173,7 +173,7 @@ def metrics_cmd():
     """List the evaluation metrics with their ideal values and options."""
     import inspect
 
-    from .evals import get_metric, list_metrics
+    from ..evals import get_metric, list_metrics
 
     table = Table("name", "better", "options", "description")
     for name in list_metrics():
