@@ -173,6 +173,3 @@ def _notes(display: str, result) -> list[str]:
     keys = [k for k in (h[0] if h else {}) if k != "loss"] or ["loss"]  # method metrics say more than the raw loss
     moves = ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys if h and k in h[-1])
     return [f"{display}: {result.steps} steps" + (f"; {moves}" if moves else "")] + list(result.notes)
-
-
-__import__("unpatch")._callable(__name__)  # `unpatch.build(...)` is the Python API's build (unpatch/__init__.py)

@@ -347,6 +347,3 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "change": None if first else val - b, "p": None if first or not paired else paired["p"],
                         "verdict": None if first else judged(info, b, val, paired), "ideal": ideal_text(info)})
     return out
-
-
-__import__("unpatch")._callable(__name__)  # `unpatch.evaluate(...)` is the Python API's evaluate (unpatch/__init__.py)

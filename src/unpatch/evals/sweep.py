@@ -196,6 +196,3 @@ def write_sweep(path: str | Path, sw: dict[str, Any]) -> Patch:
                                                                                  "hardware": sw["results"]["hardware"]}
     files = {"sweep.json": json.dumps(body, indent=2).encode(), "sweep.png": plot(sw)}
     return rewrite_patch(path, {"sweep": summary}, files)
-
-
-__import__("unpatch")._callable(__name__)  # `unpatch.sweep(...)` is the Python API's sweep (unpatch/__init__.py)

@@ -187,6 +187,3 @@ def _matches(patch: Patch, key: Patch | str) -> bool:
     if isinstance(key, Patch):
         return patch is key or (bool(patch.patch_id) and patch.patch_id == key.patch_id)
     return key in (patch.name, str(patch.path), patch.path.name if patch.path else None)
-
-
-__import__("unpatch")._callable(__name__)  # `unpatch.apply(...)` is the Python API's apply (unpatch/__init__.py)
