@@ -51,8 +51,9 @@ import torch
 from unpatch.fingerprint import combine, tensor_hash, tensor_hashes, tensor_sha256
 from unpatch.model import checkpoint_folder, load_model, resolve_model
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
+from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, lora_config_dict
 from unpatch.patch.merged import Checkpoint, apply_to_folder, revert_folder
+from unpatch.patch.store import load_patch, save_patch
 
 MODEL = "smollm2-135m"
 SCALE = 0.6

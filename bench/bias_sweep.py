@@ -35,7 +35,7 @@ import torch
 from unpatch.builder import build
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 from unpatch.recipe import load_recipe
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from unpatch.patch.format import load_patch  # noqa: E402
+from unpatch.patch.store import load_patch  # noqa: E402
 
 SPLITS = ("learned", "unseen", "control")
 

@@ -21,7 +21,7 @@ from unpatch.evals.forgetting import load_metric_texts, token_nll  # noqa: E402
 from unpatch.evals.recall import _split  # noqa: E402
 from unpatch.model import load_model  # noqa: E402
 from unpatch.patch.apply import Applied  # noqa: E402
-from unpatch.patch.format import load_patch  # noqa: E402
+from unpatch.patch.store import load_patch  # noqa: E402
 
 
 def main() -> None:

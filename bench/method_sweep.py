@@ -29,7 +29,7 @@ import torch
 from unpatch.evals import get_metric
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CROWS = DATA / "crows_pairs" / "crows_pairs_anonymized.csv"

@@ -59,8 +59,9 @@ def bench_mergekit(work: Path, site: Path) -> None:
 
     from unpatch.fingerprint import combine, tensor_sha256
     from unpatch.model import checkpoint_folder, load_model, resolve_model
-    from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions, save_patch
+    from unpatch.patch.format import BaseRef, Manifest, Patch, library_versions
     from unpatch.patch.merged import apply_to_folder
+    from unpatch.patch.store import save_patch
 
     env, why = mergekit_env(site)
     if env is None:

@@ -21,7 +21,8 @@ from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch import algebra as ops
 from unpatch.patch import merged as merge
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import Patch, load_patch, save_patch
+from unpatch.patch.format import Patch
+from unpatch.patch.store import load_patch, save_patch
 
 KINDS = ["lora", "delta"]
 TOL = 1e-6

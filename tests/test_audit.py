@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from unpatch.audit import AUDIT_FILE, audit, audit_data, audit_model, linear_weights, quantise_, rtn
 from unpatch.errors import UnpatchError
 from unpatch.hub import files_to_push
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 RETAIN = ["a brown dog is good", "people ran over the mat", "she sat on a mat and he ran",
           "the lazy cat was very quick", "good people are quick", "he is a brown fox"]

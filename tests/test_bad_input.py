@@ -21,7 +21,7 @@ from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch import merged as merge
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 ARCH = "gpt2"  # Conv1D layers: the least forgiving of the three tiny archs
 UNPATCH = Path(sys.executable).parent / "unpatch"

@@ -417,8 +417,8 @@ def test_eval_option_given_in_the_recipe_wins_over_the_data_section(c, tmp_path)
 def test_push_uploads_a_fresh_card_not_the_file(c, tmp_path, monkeypatch):
     """README.md on disk is not hashed, so push renders it afresh; an inside link is fine."""
     from unpatch import hub
-    from unpatch.patch.card import read_extras, render_card
-    from unpatch.patch.format import load_patch
+    from unpatch.patch.card import render_card
+    from unpatch.patch.store import load_patch, read_extras
 
     shutil.copytree(c.lora.path, tmp_path / "p")
     (tmp_path / "p" / "README.md").write_text("forged card with a secret")

@@ -16,7 +16,7 @@ from unpatch.builder import build, default_targets, target_weights
 from unpatch.data import Batches
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:

@@ -21,8 +21,8 @@ from unpatch.builder import build
 from unpatch.evals.runner import Variant, evaluate, parse_metric_options
 from unpatch.evals.sweep import sweep, write_sweep
 from unpatch.model import load_model
-from unpatch.patch.card import regenerate_card, render_card
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.card import render_card
+from unpatch.patch.store import load_patch, regenerate_card, save_patch
 
 GOLDEN = Path(__file__).parent / "golden" / "card.md"
 RECIPE = "model: {id: example/tiny-gpt2}\ndata: {forget: forget.txt}\nmethod: {name: ga}\ntrain: {steps: 8}\n"

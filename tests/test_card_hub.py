@@ -15,8 +15,8 @@ from unpatch.evals.runner import Variant, evaluate, parse_metric_options
 from unpatch.hubmeta import dataset_id, gguf_source
 from unpatch.model import load_model, resolve_model
 from unpatch.patch.card import render_card
-from unpatch.patch.format import save_patch
 from unpatch.patch.merged import apply_to_folder, revert_folder
+from unpatch.patch.store import save_patch
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -20,7 +20,7 @@ from conftest import make_delta_patch, make_lora_patch, tiny_model
 from safetensors.torch import load_file
 
 from unpatch.patch import algebra as ops
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 ARCH = "gpt2"
 UNPATCH = Path(sys.executable).parent / "unpatch"

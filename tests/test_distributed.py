@@ -28,7 +28,7 @@ from test_methods import method_recipe
 from unpatch.builder import build
 from unpatch.distributed import Piece, schedule, splittable, take
 from unpatch.errors import UnpatchError
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:

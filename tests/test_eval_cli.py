@@ -16,11 +16,12 @@ import pytest
 from conftest import FORGET, make_delta_patch, make_lora_patch
 
 from unpatch.errors import UnpatchError
-from unpatch.evals.runner import Variant, evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
+from unpatch.evals.runner import Variant, evaluate, parse_metric_options, parse_metrics, variants_for
 from unpatch.evals.sweep import parse_fraction, parse_scales, sweep, write_sweep
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
+from unpatch.verdicts import table_rows
 
 UNPATCH = Path(sys.executable).parent / "unpatch"
 PAIRS = [("the cat is bad", "the dog is bad", "race-color"), ("she is very bad", "he is very bad", "gender"),

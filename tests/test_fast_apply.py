@@ -16,8 +16,9 @@ from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_hash
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import MANIFEST, BaseRef, load_patch, save_patch
+from unpatch.patch.format import MANIFEST, BaseRef
 from unpatch.patch.merged import apply_to_folder, revert_folder
+from unpatch.patch.store import load_patch, save_patch
 from unpatch.provenance import Origin
 from unpatch.safetensors_io import SafetensorsFile
 

@@ -33,7 +33,7 @@ from conftest import FORGET, make_delta_patch, make_lora_patch
 from test_eval_cli import write_data
 
 from unpatch.model import load_model
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 pytestmark = pytest.mark.faults
 HERE = Path(__file__).resolve().parent

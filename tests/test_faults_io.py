@@ -23,7 +23,7 @@ from unpatch.cli import main
 from unpatch.errors import UnpatchError
 from unpatch.model import load_model
 from unpatch.patch import merged as merge
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 pytestmark = pytest.mark.faults
 UNPATCH = Path(sys.executable).parent / "unpatch"

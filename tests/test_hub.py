@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 
 from unpatch import hub
 from unpatch.errors import UnpatchError
-from unpatch.patch.format import DELTA_FILE, MANIFEST, Patch, load_patch, save_patch
+from unpatch.patch.format import DELTA_FILE, MANIFEST, Patch
+from unpatch.patch.store import load_patch, save_patch
 
 ARCH = "gpt2"
 UNPATCH = Path(sys.executable).parent / "unpatch"
@@ -141,7 +142,8 @@ def test_push_sends_only_the_patch_files(fake_hub, model, tmp_path, kind):
     assert sorted(sent) == sorted([MANIFEST, *payload, "recipe.yaml", "README.md", "dose.png", "audit.json"])
     for name, data in sent.items():  # README.md is rendered afresh at push (no hash covers the file on disk)
         assert data == (p.path / name).read_bytes() or name == "README.md", name
-    from unpatch.patch.card import read_extras, render_card
+    from unpatch.patch.card import render_card
+    from unpatch.patch.store import read_extras
 
     assert sent["README.md"].decode() == render_card(p, read_extras(p.path))
     everything = fake_hub.everything_sent()

@@ -16,7 +16,8 @@ from huggingface_hub.utils import _http
 from test_hub import ARCH, COMMIT, FakeHub, model, with_recipe  # noqa: F401  (model: the module fixture)
 
 from unpatch import hub
-from unpatch.patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, save_patch
+from unpatch.patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST
+from unpatch.patch.store import save_patch
 
 
 class LfsHub(FakeHub):

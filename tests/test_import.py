@@ -17,7 +17,7 @@ from unpatch.cli import app
 from unpatch.errors import UnpatchError
 from unpatch.importer import import_adapter
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 2]])
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unpatch.evals.scoring import sentence_logprobs
 from unpatch.patch import merged as merge
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch, save_patch
+from unpatch.patch.store import load_patch, save_patch
 
 # (context, continuation): empty contexts as CrowS-Pairs is scored, and a few with a context
 REQUESTS = [("", "the cat sat on the mat"), ("", "she is very bad"), ("", "people are good"),

@@ -20,7 +20,7 @@ from unpatch.evals import get_metric
 from unpatch.evals.recall import bootstrap_interval
 from unpatch.learn import removed_gain
 from unpatch.patch.apply import Applied
-from unpatch.patch.format import load_patch
+from unpatch.patch.store import load_patch
 from unpatch.recipe import load_recipe
 
 CONTENT = [w for w in WORDS if w not in ("<s>", "</s>")]

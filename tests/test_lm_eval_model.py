@@ -16,8 +16,8 @@ from conftest import BUILD_CONFIGS, make_lora_patch, tiny_tokenizer
 from test_interop import PAIRS, TASK
 from transformers import AutoModelForCausalLM
 
-from unpatch.patch.format import save_patch
 from unpatch.patch.merged import apply_to_folder
+from unpatch.patch.store import save_patch
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 

@@ -89,7 +89,7 @@ def test_gender_lora_same_logits_through_peft_and_unpatch_apply(tmp_path):
 
     from unpatch.model import load_model
     from unpatch.patch.apply import Applied
-    from unpatch.patch.format import load_patch
+    from unpatch.patch.store import load_patch
 
     run("build", "recipes/gender.yaml", "--out", str(tmp_path / "g"), "--no-eval", "--set", "train.steps=2")
     patch = load_patch(tmp_path / "g")

@@ -12,8 +12,9 @@ from conftest import FORGET, make_delta_patch
 from unpatch.evals.runner import Variant, evaluate, parse_metric_options
 from unpatch.evals.sweep import sweep, write_sweep
 from unpatch.model import load_model
-from unpatch.patch.card import eval_summary, render_card
-from unpatch.patch.format import save_patch
+from unpatch.patch.card import render_card
+from unpatch.patch.card_tables import eval_summary
+from unpatch.patch.store import save_patch
 from unpatch.splits import labels
 
 WORDS = ["cat", "dog", "fox", "man", "woman", "child", "friend", "nurse", "doctor", "farmer", "king", "queen"]

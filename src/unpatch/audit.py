@@ -282,7 +282,7 @@ def audit(patch: Patch, model: str | None = None, *, forget: str | None = None, 
               "model": ref.id, "data": data, **result}
     text = json.dumps(report, indent=2) + "\n"
     if patch.path is not None and target.resolve() == (Path(patch.path) / AUDIT_FILE).resolve():
-        from .patch.card import rewrite_patch
+        from .patch.store import rewrite_patch
 
         rewrite_patch(patch.path, files={AUDIT_FILE: text.encode()})  # audit.json and the card that shows it, in one swap
     else:

@@ -108,7 +108,7 @@ def evaluate_built(saved: Patch, model, originals: dict[str, Any], tokenizer, pl
 
     from .fingerprint import tensor_hashes
     from .model import load_model
-    from .patch.card import rewrite_patch
+    from .patch.store import rewrite_patch
 
     if model is not None:
         if hasattr(model, "peft_config"):
@@ -165,7 +165,7 @@ def resume_evaluation(recipe, out: Path, run_eval: bool) -> Patch:
     uninterrupted build writes. A finished patch is returned as it is."""
     import shutil
 
-    from .patch.format import load_patch
+    from .patch.store import load_patch
 
     saved = load_patch(out)  # hashes and tensors checked: a damaged patch fails here, in one line
     build = saved.manifest.metrics.get("build") or {}

@@ -28,7 +28,8 @@ from .fingerprint import combine, tensor_sha256
 from .methods import Context, get_method
 from .methods.loop import fp32_masters, gathered_state
 from .model import dtype_name, load_model, model_revision
-from .patch.format import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
+from .patch.format import BaseRef, Manifest, Patch, library_versions, lora_config_dict
+from .patch.store import load_patch, save_patch
 from .recipe import Recipe, as_recipe
 from .targets import choose_targets, default_targets, target_weights, wrap_lora  # noqa: F401 (default_targets: re-exported)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from .audit import AUDIT_FILE
 from .checks import own_file
 from .errors import UnpatchError
-from .patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, Patch, load_patch
+from .patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, Patch
+from .patch.store import load_patch
 
 # audit.json (`unpatch audit`) and sweep.json (`unpatch sweep`) hold numbers and source names only, no texts
 SHARED = [MANIFEST, "recipe.yaml", "README.md", AUDIT_FILE, "sweep.json"]  # beside the payload files
@@ -56,7 +57,8 @@ def stage(patch: Patch, files: list[str], into: Path) -> None:
     """Copy what will be uploaded into `into`, re-checked: the hashed files as they are (load_patch
     verified them), README.md rendered afresh from the manifest (never the file on disk, which no
     hash covers), audit/sweep JSON re-parsed (must be a JSON object) and plots PNG by signature."""
-    from .patch.card import read_extras, render_card
+    from .patch.card import render_card
+    from .patch.store import read_extras
 
     folder = patch.path
     for name in files:

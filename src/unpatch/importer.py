@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .errors import UnpatchError
-from .patch.format import LORA_CONFIG, LORA_FILE, BaseRef, Manifest, Patch, library_versions, save_patch
+from .patch.format import LORA_CONFIG, LORA_FILE, BaseRef, Manifest, Patch, library_versions
+from .patch.store import save_patch
 
 # PEFT options that change what the adapter computes beyond W + scaling * B @ A
 _UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save (full trained copies of layers)",

@@ -26,7 +26,8 @@ from .atomic import check_out_path
 from .errors import UnpatchError
 from .fingerprint import combine, tensor_sha256
 from .patch.apply import Applied
-from .patch.format import BaseRef, Manifest, Patch, library_versions, load_patch, lora_config_dict, save_patch
+from .patch.format import BaseRef, Manifest, Patch, library_versions, lora_config_dict
+from .patch.store import load_patch, save_patch
 from .recipe import Recipe, TrainSection
 
 LEARN_METHOD = "learn"  # the learn patch's manifest method name (not a registered unlearning method)
@@ -172,7 +173,7 @@ def three_points(saved: Patch, learn: Patch, model, tokenizer, plan) -> Patch:
     """Evaluate base / base + learn / base + learn + forget on `model` (the base) and write the
     results and the removed-gain shares into the forget patch's manifest and card."""
     from .evals.runner import Variant, evaluate
-    from .patch.card import rewrite_patch
+    from .patch.store import rewrite_patch
 
     model.requires_grad_(False)
     names, options = plan

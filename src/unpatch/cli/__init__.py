@@ -101,7 +101,7 @@ def build(
     console.print(f"wrote [bold]{patch.path}[/] ({patch.kind}, {len(patch.updates())} tensors, id {patch.patch_id[:12]})")
     for note in patch.manifest.notes:
         console.print(f"  {note}", highlight=False)
-    from ..patch.card import eval_summary
+    from ..patch.card_tables import eval_summary
 
     for line in eval_summary(patch.manifest):
         console.print(f"  {line}", highlight=False)
@@ -235,7 +235,7 @@ def stack(
 ):
     """Combine N patches into one (sum of coefficient × patch), recording the lineage."""
     from ..patch.algebra import stack_patches
-    from ..patch.format import save_patch
+    from ..patch.store import save_patch
 
     out = _need_out(out, "stack")
     coef = checks.scales(coef, "--coef")
@@ -254,7 +254,7 @@ def scale_cmd(
 ):
     """Write a copy of a patch whose effect is multiplied by --factor."""
     from ..patch.algebra import scale_patch
-    from ..patch.format import save_patch
+    from ..patch.store import save_patch
 
     factor = checks.scale(factor, "--factor")
     saved = save_patch(scale_patch(_load(patch), factor), _need_out(out, "scale"), overwrite)
@@ -265,7 +265,7 @@ def scale_cmd(
 def negate(patch: Annotated[str, typer.Argument()], out: Out = None, overwrite: Overwrite = False):
     """Write a copy of a patch with the opposite effect."""
     from ..patch.algebra import negate_patch
-    from ..patch.format import save_patch
+    from ..patch.store import save_patch
 
     saved = save_patch(negate_patch(_load(patch)), _need_out(out, "negate"), overwrite)
     console.print(f"wrote {saved.path} (coefficient {saved.manifest.coefficient:g})")
@@ -282,7 +282,7 @@ def convert(
 ):
     """Convert lora -> delta (exact) or delta -> lora (truncated SVD; prints the relative error)."""
     from ..patch.algebra import delta_to_lora, lora_to_delta, module_types_of
-    from ..patch.format import save_patch
+    from ..patch.store import save_patch
 
     if to == "lora":
         checks.rank(rank, "--rank")

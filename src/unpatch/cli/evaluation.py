@@ -58,8 +58,9 @@ def eval_cmd(
     allow_pickle: AllowPickle = False,
 ):
     """Compare the base with each patch at each scale, on one model load (patches applied and reverted in place)."""
-    from ..evals.runner import evaluate, parse_metric_options, parse_metrics, table_rows, variants_for
+    from ..evals.runner import evaluate, parse_metric_options, parse_metrics, variants_for
     from ..model import load_model
+    from ..verdicts import table_rows
 
     scale = checks.scales(scale, "--scale")
     checks.count(limit, "--limit", lo=1)
@@ -79,7 +80,7 @@ def eval_cmd(
 
 
 def _print_table(results: dict[str, Any], title: str, rows: list[dict[str, Any]]) -> None:
-    from ..patch.card import fmt
+    from ..verdicts import fmt
 
     metrics = list(results["metrics"])
     table = Table("variant", title=title)
@@ -139,8 +140,8 @@ def sweep(
                   *([f"perplexity\n{first['dev'].get('perplexity_split', 'all')}", "rise %", "ok"] if "perplexity" in first else []),
                   f"{obj['key']} {test}\n95 % interval", f"p vs base\n{test}",
                   title=f"{p.name} on {ref.id}: sweep ({seconds:.1f} s); chosen on dev, reported on test")
-    from ..patch.card import fmt
     from ..stats import p_text
+    from ..verdicts import fmt
 
     for r in sw["rows"]:
         mark = "[bold green]" if r["scale"] == sw["recommended_scale"] else ""
@@ -163,7 +164,7 @@ def sweep(
 @app.command()
 def card(patch: Annotated[str, typer.Argument(help="Patch folder.")]):
     """Regenerate a patch's README.md (model card) from its manifest and extra files."""
-    from ..patch.card import regenerate_card
+    from ..patch.store import regenerate_card
 
     console.print(f"wrote {regenerate_card(patch)}")
 

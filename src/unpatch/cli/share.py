@@ -31,7 +31,7 @@ def push(
 def pull(ref: Annotated[str, typer.Argument(help="owner/name[@revision]")]):
     """Download a patch into the Hugging Face cache (HF_HUB_OFFLINE=1: find it there), check it, print its folder."""
     from ..hub import pull as hub_pull
-    from ..patch.format import load_patch
+    from ..patch.store import load_patch
 
     p = load_patch(hub_pull(ref), allow_pickle=None)  # checks hashes and tensors, like `verify`
     print(p.path)  # plain print: scripts capture this path

@@ -19,7 +19,8 @@ from typing import Any
 from .. import checks
 from ..errors import UnpatchError
 from ..patch.format import Patch
-from .runner import Variant, evaluate, headline
+from ..verdicts import headline
+from .runner import Variant, evaluate
 
 PPL = "perplexity"
 
@@ -188,7 +189,7 @@ def plot(sw: dict[str, Any]) -> bytes:
 def write_sweep(path: str | Path, sw: dict[str, Any]) -> Patch:
     """sweep.json + sweep.png into the patch folder, the recommendation into the manifest, the
     card regenerated; one atomic folder swap (see card.rewrite_patch)."""
-    from ..patch.card import rewrite_patch
+    from ..patch.store import rewrite_patch
 
     summary = {"recommended_scale": sw["recommended_scale"], "objective": sw["objective"], "selected_on": sw.get("selected_on", "all"),
                "max_ppl_increase": sw["max_ppl_increase"], "scales": sw["scales"], "file": "sweep.json", "plot": "sweep.png"}

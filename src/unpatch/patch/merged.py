@@ -26,7 +26,8 @@ from ..model import checkpoint_folder, model_revision, resolve_dtype, resolve_mo
 from ..reuse import Buffers, ReusingTensors
 from ..safetensors_io import SafetensorsFile, write_streaming
 from .apply import check_fingerprint, check_shapes
-from .format import PICKLED, Patch, load_patch
+from .format import PICKLED, Patch
+from .store import load_patch
 from .update import LazyTensors
 
 LEDGER = "unpatch_ledger.json"
