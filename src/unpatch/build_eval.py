@@ -3,7 +3,6 @@ itself (wall time, hardware, data by hash), and base vs the new patch on the mod
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .errors import UnpatchError
@@ -132,52 +131,3 @@ def evaluate_built(saved: Patch, model, originals: dict[str, Any], tokenizer, pl
         raise UnpatchError(f"{e} (the patch itself is saved in {saved.path}, without metrics; measure it with "
                            f"`unpatch eval --patch {saved.path}` once fixed, or build with --no-eval)") from e
     return rewrite_patch(saved.path, {"eval": results})
-
-
-# ------------------------------------------------------------------------------ an interrupted build
-
-
-def _manifest_of(out: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        raw = json.loads((Path(out) / "unpatch.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
-def existing_out_message(out: Path, recipe) -> str:
-    """The refusal for a build whose --out exists: if it is this recipe's patch whose evaluation a
-    kill cut short, say to add --resume (which finishes it without training again)."""
-    raw = _manifest_of(out)
-    metrics = raw.get("metrics") if raw else None
-    if isinstance(metrics, dict) and "eval" not in metrics and (metrics.get("build") or {}).get("settings_sha256") == settings_sha256(recipe):
-        return (f"{out}: already exists, built from this recipe but its evaluation did not finish; rerun with --resume to "
-                "finish it (no training again), or pass --overwrite to rebuild")
-    return f"{out}: already exists; choose another --out or pass --overwrite"
-
-
-def resume_evaluation(recipe, out: Path, run_eval: bool) -> Patch:
-    """`build --resume` where the patch is already written (a kill came during the evaluation, or
-    after): check it is this recipe's, evaluate it on a fresh base load, finish manifest and card.
-    The payload is not touched (card.rewrite_patch links it), so its bytes are those an
-    uninterrupted build writes. A finished patch is returned as it is."""
-    import shutil
-
-    from .patch.store import load_patch
-
-    saved = load_patch(out)  # hashes and tensors checked: a damaged patch fails here, in one line
-    build = saved.manifest.metrics.get("build") or {}
-    if build.get("settings_sha256") != settings_sha256(recipe):
-        raise UnpatchError(f"{out}: already exists and was not built from this recipe with these settings, so --resume cannot "
-                           "finish it; choose another --out or pass --overwrite to rebuild")
-    if run_eval and "eval" not in saved.manifest.metrics:
-        if recipe.learn is not None:  # base / learned / forgotten, the learn patch read back from <out>-learn
-            from .learn import evaluate_learned_fresh
-
-            saved = evaluate_learned_fresh(saved, out, build_plan(recipe))
-        else:
-            saved = evaluate_built(saved, None, {}, None, build_plan(recipe))
-    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)  # a kill right after the write leaves it
-    return saved

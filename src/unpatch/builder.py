@@ -16,15 +16,17 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .atomic import claim
-from .build_eval import build_info, build_plan, evaluate_built, existing_out_message, overlap_notes, resume_evaluation
+from .build_eval import build_info, build_plan, evaluate_built, overlap_notes, settings_sha256
 from .data import Data, load_data
 from .distributed import device_for, engine
 from .errors import UnpatchError
 from .fingerprint import combine, tensor_sha256
+from .learn import evaluate_learned, evaluate_learned_fresh, learn_stage
 from .methods import Context, get_method
 from .methods.loop import fp32_masters, gathered_state
 from .model import dtype_name, load_model, model_revision
@@ -69,8 +71,6 @@ def _build(recipe: Recipe, out: Path, overwrite: bool, resume: bool, on_step, ru
     targets = choose_targets(model, recipe.patch.target_modules, where).names
     learned = None
     if recipe.learn is not None:  # learn, then forget: the unlearning patch is trained on base + a learn patch
-        from .learn import learn_stage
-
         model, learned = learn_stage(model, tokenizer, ref, recipe, data, targets, out, overwrite, resume, eng.world)
     torch.manual_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random
     if recipe.patch.kind == "lora":
@@ -125,8 +125,6 @@ def _build(recipe: Recipe, out: Path, overwrite: bool, resume: bool, on_step, ru
     eng.barrier()  # the other ranks may read it now
     shutil.rmtree(ckpt, ignore_errors=True)  # the patch is whole: the checkpoint has served
     if plan is not None and learned is not None:  # base / learned / forgotten
-        from .learn import evaluate_learned
-
         saved = evaluate_learned(saved, model, originals, tokenizer, plan, learned)
     elif plan is not None:  # before/after metrics for the manifest and card, on the model already loaded
         saved = evaluate_built(saved, model if eng.world == 1 else None, originals, tokenizer, plan)
@@ -174,3 +172,44 @@ def _notes(display: str, result) -> list[str]:
     keys = [k for k in (h[0] if h else {}) if k != "loss"] or ["loss"]  # method metrics say more than the raw loss
     moves = ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys if h and k in h[-1])
     return [f"{display}: {result.steps} steps" + (f"; {moves}" if moves else "")] + list(result.notes)
+
+
+# ------------------------------------------------------------------------------ an interrupted build
+
+
+def _manifest_of(out: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((Path(out) / "unpatch.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def existing_out_message(out: Path, recipe) -> str:
+    """The refusal for a build whose --out exists: if it is this recipe's patch whose evaluation a
+    kill cut short, say to add --resume (which finishes it without training again)."""
+    raw = _manifest_of(out)
+    metrics = raw.get("metrics") if raw else None
+    if isinstance(metrics, dict) and "eval" not in metrics and (metrics.get("build") or {}).get("settings_sha256") == settings_sha256(recipe):
+        return (f"{out}: already exists, built from this recipe but its evaluation did not finish; rerun with --resume to "
+                "finish it (no training again), or pass --overwrite to rebuild")
+    return f"{out}: already exists; choose another --out or pass --overwrite"
+
+
+def resume_evaluation(recipe, out: Path, run_eval: bool) -> Patch:
+    """`build --resume` where the patch is already written (a kill came during the evaluation, or
+    after): check it is this recipe's, evaluate it on a fresh base load, finish manifest and card.
+    The payload is not touched (patch.store.rewrite_patch links it), so its bytes are those an
+    uninterrupted build writes. A finished patch is returned as it is."""
+    saved = load_patch(out)  # hashes and tensors checked: a damaged patch fails here, in one line
+    build = saved.manifest.metrics.get("build") or {}
+    if build.get("settings_sha256") != settings_sha256(recipe):
+        raise UnpatchError(f"{out}: already exists and was not built from this recipe with these settings, so --resume cannot "
+                           "finish it; choose another --out or pass --overwrite to rebuild")
+    if run_eval and "eval" not in saved.manifest.metrics:
+        if recipe.learn is not None:  # base / learned / forgotten, the learn patch read back from <out>-learn
+            saved = evaluate_learned_fresh(saved, out, build_plan(recipe))
+        else:
+            saved = evaluate_built(saved, None, {}, None, build_plan(recipe))
+    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)  # a kill right after the write leaves it
+    return saved
