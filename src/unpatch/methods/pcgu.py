@@ -27,16 +27,16 @@ log-probability of the first differing token given the shared prefix instead of 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import Batches, collate
-from ..errors import UnpatchError
 from . import Context, MethodResult, register
 from .loop import train_loop
+from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss, pair_scores
+from .pcgu_rows import row_cosines, row_partitions, select_rows, sentence_logprobs
 
 
 class PCGUConfig(BaseModel):
@@ -78,16 +78,6 @@ class PairBatches:
         return self.take(self.order.indices(i))
 
 
-def sentence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[rows] sum over each sentence of log p(token | previous), the first (prefix) token given."""
-    dev = model.device
-    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    tgt = ids[:, 1:]
-    lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (lp * mask[:, 1:]).sum(dim=1)
-
-
 def gap_loss(model, batch):
     """Mean over the pairs of log p(more) - log p(less); descending on it narrows the gap."""
     lp = sentence_logprobs(model, batch)
@@ -96,57 +86,9 @@ def gap_loss(model, batch):
     return gap, {"gap": gap.item()}
 
 
-# ------------------------------------------------------------------------------ partitions
-
-
-def row_partitions(model) -> dict[str, tuple[torch.nn.Parameter, int]]:
-    """{parameter name: (weight, row axis)} for every trainable Linear / Conv1D weight.
-    Row axis 0 for Linear ([out, in]), 1 for Conv1D ([in, out]): an output unit either way."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    found = {}
-    for _, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and w.requires_grad and w.dim() == 2:
-            if isinstance(mod, torch.nn.Linear):
-                found[names[id(w)]] = (w, 0)
-            elif type(mod).__name__ == "Conv1D":
-                found[names[id(w)]] = (w, 1)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if not found or set(found) != trainable:
-        other = ", ".join(sorted(trainable - set(found))) or "none"
-        raise UnpatchError(f"pcgu partitions Linear/Conv1D weights only; patch.target_modules selects other tensors ({other})")
-    return dict(sorted(found.items()))
-
-
-def row_cosines(g_more: torch.Tensor, g_less: torch.Tensor, axis: int) -> torch.Tensor:
-    """cos(g_more[row], g_less[row]) per output row; rows without gradient get 2 (ranked last:
-    with no signal there is nothing to tell the two sentences apart)."""
-    dim = 1 - axis  # reduce over the input dimension
-    dot = (g_more * g_less).sum(dim=dim)
-    norms = g_more.norm(dim=dim) * g_less.norm(dim=dim)
-    return torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.full_like(dot, 2.0))
-
-
-def select_rows(cosines: dict[str, torch.Tensor], k_percent: float) -> dict[str, torch.Tensor]:
-    """Boolean row masks: the ceil(k % of all rows) least similar rows, ranked across all matrices
-    together (ties go to the earlier row, in sorted-name order: deterministic)."""
-    names = sorted(cosines)
-    flat = torch.cat([cosines[n].flatten().float() for n in names])
-    n_keep = min(flat.numel(), max(1, math.ceil(flat.numel() * k_percent / 100 - 1e-9)))
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.sort(flat, stable=True).indices[:n_keep]] = True
-    masks, at = {}, 0
-    for n in names:
-        masks[n] = chosen[at: at + cosines[n].numel()].clone()
-        at += cosines[n].numel()
-    return masks
-
-
 def rank_rows(model, pairs: PairBatches, parts, n_pairs: int, batch_size: int, score: str = "sentence") -> dict[str, torch.Tensor]:
     """Cosine per row of the gradients summed over the first n_pairs pairs (in data order);
     `score` as pcgu_paper.pair_scores (sentence log-likelihood, or the first differing token's)."""
-    from .pcgu_paper import pair_scores
-
     g = {side: {n: torch.zeros_like(w) for n, (w, _) in parts.items()} for side in ("more", "less")}
     model.eval()  # no dropout in the ranking: it must be reproducible on resume
     for start in range(0, n_pairs, batch_size):
@@ -179,8 +121,6 @@ def mean_gap(model, tokenizer, data, recipe) -> float:
           paper="https://aclanthology.org/2023.findings-acl.375", needs=("pairs",), kinds=("delta",),
           objective=mean_gap, direction="down", example={"k_percent": 50})
 def pcgu(ctx: Context) -> MethodResult:
-    from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss
-
     cfg: PCGUConfig = ctx.config
     t = ctx.recipe.train
     where = str(ctx.recipe.path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnpatchError
+from .pcgu_rows import row_cosines, select_rows, sentence_logprobs
 
 
 def first_diffs(more: list[list[int]], less: list[list[int]]) -> list[int | None]:
@@ -70,8 +71,6 @@ def diff_pairs(ctx, make_pairs, where: str) -> tuple[DiffPairs, int]:
 
 def pair_scores(model, batch: dict, score: str) -> torch.Tensor:
     """[2B] per row: the sentence log-likelihood (`sentence`) or log p(token at `diff` | prefix)."""
-    from .pcgu import sentence_logprobs
-
     if score == "sentence":
         return sentence_logprobs(model, batch)
     dev = model.device
@@ -118,8 +117,6 @@ def dynamic_loss(cfg, pairs: DiffPairs, parts: dict, scale: dict, ever: dict, gr
     step's own .grad is untouched), writes the new row masks into `scale` (read by the gradient
     hooks, which pass gradients through unmasked while `ranking[0]` is set) and marks the rows in
     `ever`; then it returns the step's loss on the same forward."""
-    from .pcgu import row_cosines, select_rows
-
     names = list(parts)
     weights = [parts[n][0] for n in names]
 
