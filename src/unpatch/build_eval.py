@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import UnpatchError
-from .evals.runner import Variant, _parameters, check_options, evaluate, hardware, parse_metric_options, parse_metrics
+from .evals.runner import Variant, evaluate, hardware, parse_metric_options, parse_metrics
 from .patch.format import Patch
+from .registry import _parameters, check_options
 
 
 def build_plan(recipe) -> tuple[list[str], dict[str, dict[str, Any]]]:

@@ -21,6 +21,7 @@ from .checks import COUNT_MAX, LR_MAX, RANK_MAX, SCALE_MAX, regular_file
 from .errors import UnpatchError
 from .recipe_errors import did_you_mean as _did_you_mean
 from .recipe_errors import format_error as _format_error
+from .registry import METHODS, check_options
 
 # allow_inf_nan=False: YAML reads `.nan` / `.inf` as floats, and a NaN lr trains a NaN patch
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -301,8 +302,6 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
 
 
 def _validate_method(raw: Any, where: str) -> dict[str, Any]:
-    from .methods import get_method  # lazy: the registry imports the methods (and torch)
-
     if raw is None:
         raise UnpatchError(f"{where}: method: missing; add e.g. `method: {{name: ga}}`")
     if isinstance(raw, str):
@@ -314,7 +313,7 @@ def _validate_method(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(name, str):
         raise UnpatchError(f"{where}: method.name: missing; e.g. `name: ga`")
     try:
-        spec = get_method(name)
+        spec = METHODS.get(name)  # imports the methods (and torch) on first use
     except UnpatchError as e:
         raise UnpatchError(f"{where}: method.name: {e}") from e
     try:
@@ -344,8 +343,6 @@ def _check_eval_options(recipe: Recipe, where: str) -> None:
     otherwise surface only after training, or never): so validate and --dry-run catch it too."""
     if not recipe.eval.options:
         return
-    from .evals.runner import check_options  # lazy: the metric registry
-
     for metric, given in recipe.eval.options.items():
         try:
             check_options(metric, given)
@@ -354,9 +351,7 @@ def _check_eval_options(recipe: Recipe, where: str) -> None:
 
 
 def _check_needs(recipe: Recipe, where: str) -> None:
-    from .methods import get_method
-
-    spec = get_method(recipe.method.name)
+    spec = METHODS.get(recipe.method.name)
     for role in spec.needs:
         if getattr(recipe.data, role) is None:
             raise UnpatchError(f"{where}: data.{role}: required by method {spec.name!r}; add e.g. `{role}: builtin:toxicity`")

@@ -3,10 +3,11 @@ with a did-you-mean for unknown keys."""
 
 from __future__ import annotations
 
-import difflib
 import typing
 
 from pydantic import BaseModel, ValidationError
+
+from . import errors
 
 
 def format_error(e: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
@@ -47,5 +48,5 @@ def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1)
-    return f". Did you mean: {close[0]}?" if close else ""
+    hint = errors.did_you_mean(word, known)
+    return f".{hint}" if hint else ""

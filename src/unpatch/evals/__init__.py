@@ -7,13 +7,12 @@ is its headline number. `direction` says which way is better: "lower", "higher",
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnpatchError
+from ..registry import METRICS
 
 DIRECTIONS = ("lower", "higher", "target")
 METRIC_MODULES = ("crows_pairs", "perplexity", "forgetting", "stereoset", "harmful", "verbatim", "recall", "bbq")  # every module here registers its metrics on import
@@ -31,7 +30,7 @@ class Metric:
         return self.fn(model, tokenizer, **options)
 
 
-_REGISTRY: dict[str, Metric] = {}
+_REGISTRY: dict[str, Metric] = METRICS.entries
 
 
 def register_metric(name: str, *, ideal: float | None = None, direction: str = "lower", description: str = ""):
@@ -53,15 +52,11 @@ def register_metric(name: str, *, ideal: float | None = None, direction: str = "
 
 def get_metric(name: str) -> Metric:
     """The registered metric `name`, or an UnpatchError that suggests the nearest name."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    raise UnpatchError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(list_metrics())}")
+    return METRICS.get(name)
 
 
 def list_metrics() -> list[str]:
-    return sorted(_REGISTRY)
+    return METRICS.names()
 
 
 for _module in METRIC_MODULES:

@@ -32,6 +32,7 @@ import yaml
 from .. import progress
 from ..errors import UnpatchError
 from ..patch.format import Patch
+from ..registry import _parameters, check_options
 from ..stats import Outcomes, collect, interval, paired_test
 
 # Cheap enough for a CPU: base + patched within ~2 minutes for SmolLM2-135M on 2 cores (all 1,018
@@ -111,31 +112,6 @@ def parse_metric_options(items: Sequence[str], metrics: Sequence[str], limit: in
     for m, opts in options.items():
         check_options(m, opts)
     return options
-
-
-def _parameters(metric: str) -> dict[str, inspect.Parameter]:
-    from . import get_metric
-
-    params = list(inspect.signature(get_metric(metric).fn).parameters.values())[2:]  # after model, tokenizer
-    return {p.name: p for p in params}
-
-
-def check_options(metric: str, options: dict[str, Any]) -> None:
-    """Refuse an option the metric's function does not take (unless it takes **kwargs)."""
-    import difflib
-
-    params = _parameters(metric)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for name in options:
-        if name not in params:
-            close = difflib.get_close_matches(name, list(params), n=1)
-            hint = f" Did you mean: {close[0]}?" if close else ""
-            raise UnpatchError(f"metric {metric!r} has no option {name!r}.{hint} Its options: {', '.join(params) or 'none'}")
-    from ..checks import option_values
-    from . import get_metric
-
-    option_values(metric, get_metric(metric).fn, options)
 
 
 def settings_of(metric: str, options: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

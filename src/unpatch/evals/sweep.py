@@ -80,7 +80,7 @@ def sweep(model, tokenizer, patch: Patch, scales: list[float], metrics: list[str
     the choice); metrics without one run once and their numbers serve both. Each row's "dev" and
     "test" carry the objective's value, 95 % interval and paired p vs the base, and perplexity;
     the row's top-level value/distance/perplexity/ok are the dev ones the choice used."""
-    from .runner import _parameters
+    from ..registry import _parameters
 
     if max_ppl_increase is not None and PPL not in metrics:
         raise UnpatchError(f"--max-ppl-increase needs {PPL} among the metrics (got {', '.join(metrics)}); add it, or drop the limit")

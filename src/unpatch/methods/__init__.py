@@ -10,7 +10,6 @@ this package except `loop` is imported below, so a new method file registers by 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnpatchError
+from ..registry import METHODS
 
 if TYPE_CHECKING:
     from ..data import Data
@@ -85,7 +85,7 @@ class MethodSpec:
     example: dict[str, Any] = field(default_factory=dict)  # method params for a tiny test build
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+_REGISTRY: dict[str, MethodSpec] = METHODS.entries
 
 
 def register(name: str, config: type[BaseModel] = NoParams, display: str | None = None, paper: str | None = None,
@@ -102,16 +102,11 @@ def register(name: str, config: type[BaseModel] = NoParams, display: str | None 
 
 
 def get_method(name: str) -> MethodSpec:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    known = sorted(_REGISTRY)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean: {close[0]}?" if close else ""
-    raise UnpatchError(f"unknown method {name!r}.{hint} Known: {', '.join(known)}")
+    return METHODS.get(name)
 
 
 def list_methods() -> list[MethodSpec]:
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+    return [_REGISTRY[n] for n in METHODS.names()]
 
 
 for _m in pkgutil.iter_modules(__path__):
