@@ -6,7 +6,7 @@ They are plain functions: no submodule bears an API name (the library's modules 
 unpatch.builder, unpatch.patch.apply, unpatch.evals.runner, unpatch.evals.sweep, ...).
 """
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # the one number (unpatch/version.py): `unpatch.__version__` reads it
 
 __all__ = ["Applied", "apply", "build", "evaluate", "load_model", "load_patch", "pull", "push", "revert", "sweep",
            "write_merged"]

@@ -28,7 +28,7 @@ console = progress.console()  # off a terminal: no wrapping of paths / JSON in l
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..version import __version__
 
         print(f"unpatch {__version__}")
         raise typer.Exit()

@@ -20,8 +20,8 @@ from .. import checks, provenance
 from ..errors import UnpatchError
 from ..fingerprint import combine, tensor_hashes
 from ..provenance import Origin
-from ..reuse import Buffers
 from .format import Patch
+from .reuse import Buffers
 
 
 @dataclass

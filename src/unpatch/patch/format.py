@@ -27,9 +27,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from .. import __version__
 from ..errors import UnpatchError
 from ..fingerprint import combine
+from ..version import __version__
 from .update import Update, tensor_shape
 
 FORMAT = "unpatch-patch"

@@ -23,10 +23,10 @@ from ..errors import UnpatchError
 from ..fingerprint import combine, tensor_hash
 from ..hashcache import file_hashes
 from ..model import checkpoint_folder, model_revision, resolve_dtype, resolve_model
-from ..reuse import Buffers, ReusingTensors
 from ..safetensors_io import SafetensorsFile, write_streaming
 from .apply import check_fingerprint, check_shapes
 from .format import PICKLED, Patch
+from .reuse import Buffers, ReusingTensors
 from .store import load_patch
 from .update import LazyTensors
 

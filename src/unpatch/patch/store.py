@@ -18,13 +18,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from .. import __version__
 from ..atomic import atomic_dir
 from ..checks import own_file, regular_file
 from ..errors import UnpatchError
 from ..fingerprint import file_sha256
 from ..hashcache import file_digest, file_key, known, remember
 from ..safetensors_io import SafetensorsFile
+from ..version import __version__
 from .card import EXTRA_FILES, render_card
 from .checks import check_base_covers, check_files_cover, check_fingerprint_field, check_lora_config, delta_meta, read_json
 from .format import DELTA_FILE, FORMAT, FORMAT_VERSION, LORA_CONFIG, LORA_FILE, MANIFEST, PICKLED, Manifest, Patch, now

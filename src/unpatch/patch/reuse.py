@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UnpatchError
-from .patch.update import LazyTensors
-from .safetensors_io import SafetensorsFile
+from ..errors import UnpatchError
+from ..safetensors_io import SafetensorsFile
+from .update import LazyTensors
 
 
 class Buffers:
