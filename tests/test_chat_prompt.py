@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import tiny_model, tiny_tokenizer
 
-from unpatch.cli import _continue
+from unpatch.cli.patches import _continue
 
 TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} she is{% endif %}"
 

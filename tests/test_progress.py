@@ -79,7 +79,7 @@ def test_piped_build_shows_training_and_evaluation_progress(tmp_path, models_dir
     monkeypatch.setenv("UNPATCH_PROGRESS_SECONDS", "0.01")
     monkeypatch.delenv("COLUMNS", raising=False)
     progress.quiet_third_party()
-    monkeypatch.setattr("unpatch.cli.console", progress.console())  # the console main() builds, under capture
+    monkeypatch.setattr("unpatch.cli.recipes.console", progress.console())  # the console main() builds, under capture
     app(["build", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "p")], prog_name="unpatch", standalone_mode=False)
     out, err = capfd.readouterr()
     lines = err.splitlines()

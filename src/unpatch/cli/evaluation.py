@@ -13,13 +13,15 @@ from rich.table import Table
 
 from .. import checks
 from ..errors import UnpatchError
-from . import AllowPickle, Device, Dtype, Force, ModelOpt, _load, app, console
+from .options import AllowPickle, Device, Dtype, Force, ModelOpt, _load, console
 
 Metrics = Annotated[str | None, typer.Option("--metrics", help="Comma-separated metric names (default: crows_pairs,perplexity; see `unpatch metrics`).")]
 MetricOpt = Annotated[list[str] | None, typer.Option("--metric-opt", "-O", help="Metric option metric.key=value, e.g. crows_pairs.limit=100 or perplexity.max_tokens=null (repeatable).")]
 Limit = Annotated[int | None, typer.Option("--limit", help="Shorthand: limit=N for every selected metric that takes a limit.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the full results as JSON to this file (- for stdout).")]
 err = Console(stderr=True)
+
+app = typer.Typer()  # assembled into the root app by cli/__init__.py
 
 
 def _progress(variant, metric: str, values: dict[str, Any]) -> None:

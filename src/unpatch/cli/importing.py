@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from . import Force, Overwrite, app, console
+from .options import Force, Overwrite, console
+
+app = typer.Typer()  # assembled into the root app by cli/__init__.py
 
 
 @app.command("import", epilog="Examples:\n\n  unpatch import ./my-lora-adapter --model HuggingFaceTB/SmolLM2-135M-Instruct --out patches/my-lora\n\n"

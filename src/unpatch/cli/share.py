@@ -10,7 +10,9 @@ import typer
 from rich.table import Table
 
 from .. import checks
-from . import Device, Dtype, Force, ModelOpt, app, console
+from .options import Device, Dtype, Force, ModelOpt, _load, console
+
+app = typer.Typer()  # assembled into the root app by cli/__init__.py
 
 
 @app.command()
@@ -57,8 +59,6 @@ def audit(
 ):
     """Does the forgetting survive 8/4-bit quantisation and a short fine-tune? Writes audit.json."""
     from ..audit import audit as run_audit
-    from . import _load
-
     scale = checks.scale(scale, "--scale")
     lr = checks.lr(lr, "--lr")
     for value, flag, lo in ((limit, "--limit", 0), (steps, "--steps", 0), (batch_size, "--batch-size", 1), (max_length, "--max-length", 2)):
