@@ -169,13 +169,22 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@register_metric("forget_nll", direction="higher",
-                 description="mean token NLL (and perplexity) of the forget-set texts; higher = more forgotten")
-@strict_options
-def forget_nll(model, tokenizer, source: str = FORGET_SOURCE, column: str | None = None, limit: int | None = None,
+def _text_nll(name: str, default_source: str, doc: str):
+    """forget_nll and retain_nll: one computation, each metric with its own name, default texts and doc."""
+    def metric(model, tokenizer, source: str = default_source, column: str | None = None, limit: int | None = None,
                chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
                split: str = "all") -> dict[str, float]:
-    """Mean negative log-likelihood per token of the forget-set texts (nats), and its perplexity.
+        texts = split_texts(name, source, column, limit, chunk_words, split)
+        return token_nll(model, tokenizer, texts, max_length, batch_tokens, name)
+
+    metric.__name__ = metric.__qualname__ = name
+    metric.__doc__ = doc
+    return strict_options(metric)
+
+
+forget_nll = register_metric("forget_nll", direction="higher",
+                             description="mean token NLL (and perplexity) of the forget-set texts; higher = more forgotten")(
+    _text_nll("forget_nll", FORGET_SOURCE, """Mean negative log-likelihood per token of the forget-set texts (nats), and its perplexity.
 
     Each text is scored alone as [BOS (else EOS), *tokens] (lm-evaluation-harness's empty-context
     rule, so every token of the text is predicted), cut to `max_length` predictions (default 256,
@@ -187,24 +196,15 @@ def forget_nll(model, tokenizer, source: str = FORGET_SOURCE, column: str | None
     `chunk_words` cuts a .txt book into N-word passages; `split` dev | test | all the half of the
     texts `unpatch.splits` assigns (before `limit`). Higher after unlearning = forgotten.
     Per-text NLL sums and token counts are recorded (`unpatch.stats`).
-    """
-    texts = split_texts("forget_nll", source, column, limit, chunk_words, split)
-    return token_nll(model, tokenizer, texts, max_length, batch_tokens, "forget_nll")
+    """))
 
-
-@register_metric("retain_nll", direction="lower",
-                 description="mean token NLL (and perplexity) of retain-set texts; ideal = the base's (unchanged)")
-@strict_options
-def retain_nll(model, tokenizer, source: str = RETAIN_SOURCE, column: str | None = None, limit: int | None = None,
-               chunk_words: int | None = None, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
-               split: str = "all") -> dict[str, float]:
-    """Mean negative log-likelihood per token of retain-set texts (nats), and its perplexity: the
+retain_nll = register_metric("retain_nll", direction="lower",
+                             description="mean token NLL (and perplexity) of retain-set texts; ideal = the base's (unchanged)")(
+    _text_nll("retain_nll", RETAIN_SOURCE, """Mean negative log-likelihood per token of retain-set texts (nats), and its perplexity: the
     same computation as forget_nll (lm-evaluation-harness's empty-context rule, token-weighted as
     the transformers perplexity guide) on text the patch should leave alone (default
     builtin:wikitext-tiny). Ideal: unchanged from the base model; lower is better. Returns nll,
-    perplexity, tokens, texts. `split` as forget_nll."""
-    texts = split_texts("retain_nll", source, column, limit, chunk_words, split)
-    return token_nll(model, tokenizer, texts, max_length, batch_tokens, "retain_nll")
+    perplexity, tokens, texts. `split` as forget_nll."""))
 
 
 # ------------------------------------------------------------------------------ KL(base || patched)
