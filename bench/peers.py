@@ -126,9 +126,9 @@ def bench_trainer(work: Path, steps: int) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from unpatch.builder import build, default_targets
-    from unpatch.data import collate, encode, load_data
     from unpatch.model import load_model
     from unpatch.recipe import load_recipe
+    from unpatch.sources import collate, encode, load_data
 
     recipe = load_recipe(RECIPE, [f"train.steps={steps}"])
     t = recipe.train

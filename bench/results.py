@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 
 from unpatch.builder import build
-from unpatch.data import load_texts
 from unpatch.evals import get_metric
 from unpatch.evals.runner import Variant, evaluate
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
+from unpatch.sources import load_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench helpers beside this file
 from results_env import environment, log, perf  # noqa: E402

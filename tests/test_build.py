@@ -13,10 +13,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.builder import build, default_targets, target_weights
-from unpatch.data import Batches
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch.store import load_patch
+from unpatch.sources import Batches
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:

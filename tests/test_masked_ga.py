@@ -11,7 +11,6 @@ import yaml
 from conftest import FORGET, tiny_tokenizer
 
 from unpatch.builder import build
-from unpatch.data import Data, load_data
 from unpatch.errors import UnpatchError
 from unpatch.methods.masked_ga import (
     MaskedBatches,
@@ -24,6 +23,7 @@ from unpatch.methods.masked_ga import (
     words_pattern,
 )
 from unpatch.recipe import load_recipe
+from unpatch.sources import Data, load_data
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

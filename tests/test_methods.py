@@ -17,10 +17,10 @@ from conftest import FORGET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.builder import build
-from unpatch.data import load_data
 from unpatch.methods import list_methods
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
+from unpatch.sources import load_data
 
 RETAIN = ["the fox jumps over the mat", "a good dog sat far", "people are quick", "the cat ran on and on",
           "a brown dog is good", "the mat was very good", "he sat on a mat", "she ran and ran"]

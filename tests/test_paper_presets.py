@@ -15,9 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from unpatch.builder import build
-from unpatch.data import Data, load_pairs
 from unpatch.errors import UnpatchError
 from unpatch.recipe import load_recipe
+from unpatch.sources import Data, load_pairs
 
 PRESETS = sorted((Path(__file__).parents[1] / "recipes" / "paper").glob("*.yaml"))
 
@@ -89,9 +89,9 @@ def test_masked_ga_lexicon_errors_name_the_key():
 
 
 def ga_kl_context(tmp: Path, models_dir: Path, **params):
-    from unpatch.data import load_data
     from unpatch.methods import Context
     from unpatch.methods.ga_kl import GAKLConfig
+    from unpatch.sources import load_data
 
     (tmp / "forget.txt").write_text("the cat sat\nA: on the mat\nthe dog ran far and the fox ran\n")
     (tmp / "retain.txt").write_text("he is very good\nshe was quick\n")

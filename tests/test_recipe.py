@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from unpatch.data import load_data, load_pairs, load_records, load_texts
 from unpatch.errors import UnpatchError
 from unpatch.methods import get_method, list_methods
 from unpatch.recipe import Source, load_recipe
+from unpatch.sources import load_data, load_pairs, load_records, load_texts
 
 MINIMAL = "data:\n  forget: forget.txt\nmethod:\n  name: ga\n"
 

@@ -15,7 +15,6 @@ from test_methods import PAIRS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.builder import build, default_targets, target_weights
-from unpatch.data import Batches, load_data
 from unpatch.errors import UnpatchError
 from unpatch.methods.loop import train_loop
 from unpatch.methods.pcgu import PairBatches, mean_gap, rank_rows
@@ -23,6 +22,7 @@ from unpatch.methods.pcgu_rows import row_cosines, row_partitions, select_rows
 from unpatch.methods.task_vector import finetune_loss
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
+from unpatch.sources import Batches, load_data
 
 
 def write_recipe(tmp: Path, models_dir: Path, method: dict, arch: str = "llama", kind: str = "delta", **train) -> Path:

@@ -28,10 +28,10 @@ import torch
 
 from . import progress
 from .atomic import atomic_write_text
-from .data import Batches, load_texts
 from .errors import UnpatchError
 from .patch.apply import Applied
 from .patch.format import Patch, now
+from .sources import Batches, load_texts
 
 AUDIT_FILE = "audit.json"
 DEFAULT_RETAIN = "builtin:wikitext-tiny"  # normal prose, when neither --retain nor the recipe names retain data

@@ -22,7 +22,6 @@ import torch
 
 from .atomic import claim
 from .build_eval import build_info, build_plan, evaluate_built, overlap_notes, settings_sha256
-from .data import Data, load_data
 from .distributed import device_for, engine
 from .errors import UnpatchError
 from .fingerprint import combine, tensor_sha256
@@ -33,6 +32,7 @@ from .model import dtype_name, load_model, model_revision
 from .patch.format import BaseRef, Manifest, Patch, library_versions, lora_config_dict
 from .patch.store import load_patch, save_patch
 from .recipe import Recipe, as_recipe
+from .sources import Data, load_data
 from .targets import choose_targets, default_targets, target_weights, wrap_lora  # noqa: F401 (default_targets: re-exported)
 
 

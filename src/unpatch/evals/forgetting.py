@@ -46,8 +46,8 @@ def load_metric_texts(metric: str, source: str, column: str | None = None, limit
     """Texts of any data source string (builtin:, hub:, a file) through unpatch.data's loaders."""
     from pydantic import ValidationError
 
-    from ..data import load_texts
     from ..recipe import Source
+    from ..sources import load_texts
 
     try:
         src = Source(source=source, column=column, limit=limit, chunk_words=chunk_words)

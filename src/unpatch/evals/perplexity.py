@@ -180,11 +180,11 @@ def _offline() -> str:
 
 def _rows_of(source: str) -> list[str]:
     if source == OFFLINE_SOURCE:
-        from ..data import builtin_file
+        from ..sources import builtin_file
 
         path = builtin_file("wikitext-tiny", "perplexity")
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from ..data import hub_dataset
+    from ..sources import hub_dataset
 
     ds = hub_dataset(source, "perplexity", f"pass source=<text file> or {OFFLINE_SOURCE}", default_split="test")
     if "text" not in ds.column_names:

@@ -152,7 +152,7 @@ def load_stereoset(source: str = DEFAULT_SOURCE, split: str = "both", limit: int
         raise UnpatchError(f"stereoset: split {split!r} is not one of both, intrasentence, intersentence")
     if limit is not None and limit < 1:
         raise UnpatchError(f"stereoset: limit {limit} must be a positive number of items")
-    from ..data import read_benchmark
+    from ..sources import read_benchmark
 
     items = read_benchmark("stereoset", source, DEFAULT_SOURCE, _read_file, _read_hub,
                            files="StereoSet's dev.json or a flat JSONL", hub="hub:McGill-NLP/stereoset")
@@ -214,7 +214,7 @@ def _read_hub(source: str) -> list[Item]:
     for sp in [config] if config else list(SPLITS):
         if sp not in SPLITS:
             raise UnpatchError(f"stereoset: {source}: config {sp!r} is not intrasentence or intersentence")
-        from ..data import hub_dataset
+        from ..sources import hub_dataset
 
         ds = hub_dataset(f"hub:{name}@{hsplit}" if hsplit else f"hub:{name}", "stereoset",
                          f"use {DEFAULT_SOURCE} or a local dev.json", default_split="validation", config=sp)

@@ -23,8 +23,8 @@ from ..errors import UnpatchError
 from ..registry import METHODS
 
 if TYPE_CHECKING:
-    from ..data import Data
     from ..recipe import Recipe
+    from ..sources import Data
 
 
 class NoParams(BaseModel):
@@ -48,7 +48,7 @@ class Context:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # called after each step
 
     def batches(self, role: str = "forget"):
-        from ..data import Batches
+        from ..sources import Batches
 
         texts = getattr(self.data, role)
         if texts is None:
