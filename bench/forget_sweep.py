@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from unpatch.batches import collate, encode
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
 from unpatch.patch.store import load_patch
-from unpatch.sources import collate, encode, load_texts
+from unpatch.sources import load_texts
 
 SHARED = Path("/work/shared/data")  # benchmark inputs only: the product never reads it
 WIKI = SHARED / "wikitext2/wikitext-2-raw.test.hf-join2nl.crlf.txt"

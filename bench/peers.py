@@ -125,10 +125,11 @@ def bench_trainer(work: Path, steps: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from unpatch.batches import collate, encode
     from unpatch.builder import build, default_targets
     from unpatch.model import load_model
     from unpatch.recipe import load_recipe
-    from unpatch.sources import collate, encode, load_data
+    from unpatch.sources import load_data
 
     recipe = load_recipe(RECIPE, [f"train.steps={steps}"])
     t = recipe.train

@@ -12,11 +12,11 @@ from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unpatch.batches import Batches
 from unpatch.builder import build, default_targets, target_weights
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch.store import load_patch
-from unpatch.sources import Batches
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:

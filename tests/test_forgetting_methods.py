@@ -10,13 +10,14 @@ import torch
 import yaml
 from conftest import FORGET, tiny_model, tiny_tokenizer
 
+from unpatch.batches import Batches
 from unpatch.errors import UnpatchError
 from unpatch.methods import Context
 from unpatch.methods.ga import nll
 from unpatch.methods.ga_kl import Streams, kl_to_reference, make_reference, split_prompt
 from unpatch.methods.npo import NPOConfig, make_loss, npo_loss, reference_logprobs, sequence_logprobs
 from unpatch.recipe import load_recipe
-from unpatch.sources import Batches, load_data
+from unpatch.sources import load_data
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 RETAIN = ["Q: is the fox quick\nA: the fox is very quick", "Q: who sat\nA: the cat sat on the mat", "a good dog ran far"]

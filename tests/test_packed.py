@@ -7,8 +7,8 @@ import torch
 from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from unpatch.batches import Batches
 from unpatch.methods import packed
-from unpatch.sources import Batches
 
 
 def _model(arch: str):

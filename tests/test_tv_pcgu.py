@@ -14,6 +14,7 @@ from conftest import FORGET
 from test_methods import PAIRS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unpatch.batches import Batches
 from unpatch.builder import build, default_targets, target_weights
 from unpatch.errors import UnpatchError
 from unpatch.methods.loop import train_loop
@@ -22,7 +23,7 @@ from unpatch.methods.pcgu_rows import row_cosines, row_partitions, select_rows
 from unpatch.methods.task_vector import finetune_loss
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
-from unpatch.sources import Batches, load_data
+from unpatch.sources import load_data
 
 
 def write_recipe(tmp: Path, models_dir: Path, method: dict, arch: str = "llama", kind: str = "delta", **train) -> Path:

@@ -28,10 +28,11 @@ import torch
 
 from . import progress
 from .atomic import atomic_write_text
+from .batches import Batches
 from .errors import UnpatchError
 from .patch.apply import Applied
 from .patch.format import Patch, now
-from .sources import Batches, load_texts
+from .sources import load_texts
 
 AUDIT_FILE = "audit.json"
 DEFAULT_RETAIN = "builtin:wikitext-tiny"  # normal prose, when neither --retain nor the recipe names retain data

@@ -99,11 +99,11 @@ def _reusable(where: Path, recipe: Recipe, data) -> Patch | None:
 def _train(model, tokenizer, ref, recipe: Recipe, data, targets: list[str], where: Path, overwrite: bool) -> Patch:
     from peft.utils import get_peft_model_state_dict
 
+    from .batches import Batches
     from .build_eval import build_info
     from .methods.loop import train_loop
     from .methods.task_vector import finetune_loss
     from .model import dtype_name, model_revision
-    from .sources import Batches
     from .targets import wrap_lora
 
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ class Context:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # called after each step
 
     def batches(self, role: str = "forget"):
-        from ..sources import Batches
+        from ..batches import Batches
 
         texts = getattr(self.data, role)
         if texts is None:

@@ -36,7 +36,7 @@ def ga_loss(model, batch):
 @torch.no_grad()
 def forget_nll(model, tokenizer, data, recipe) -> float:
     """Mean NLL of the forget texts (the objective ga pushes up)."""
-    from ..sources import Batches
+    from ..batches import Batches
 
     t = recipe.train
     batches = Batches.from_texts(data.forget, tokenizer, t.max_length, t.batch_size, t.seed, where="data.forget")

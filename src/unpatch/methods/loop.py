@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from .. import progress
 from ..atomic import atomic_dir
+from ..batches import Batches
 from ..distributed import engine, schedule, splittable, take
 from ..errors import UnpatchError
 from ..recipe import TrainSection
-from ..sources import Batches
 
 # loss_fn(model, batch) -> loss, or (loss, {"metric": float, ...}) for logging / early stop
 LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]

@@ -34,8 +34,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..batches import Batches, collate
 from ..errors import UnpatchError
-from ..sources import Batches, collate
 from . import Context, MethodResult, register
 from .loop import train_loop
 

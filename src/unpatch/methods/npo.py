@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..batches import Batches, collate
 from ..errors import UnpatchError
-from ..sources import Batches, collate
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
 from .loop import train_loop

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sources import Batches, collate
+from ..batches import Batches, collate
 from . import Context, MethodResult, register
 from .loop import train_loop
 from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss, pair_scores
