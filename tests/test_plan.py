@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from unpatch.builder import build
 from unpatch.cli import app
+from unpatch.distributed import activation_bytes_per_token, choose_chunks
 from unpatch.errors import UnpatchError
-from unpatch.plan import activation_bytes_per_token, choose_chunks, make_plan, render
+from unpatch.plan import make_plan, render
 
 
 def recipe(tmp, models_dir, arch="llama", **sections):

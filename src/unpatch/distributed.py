@@ -22,6 +22,7 @@ summation order of the gradient all-reduce):
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -194,3 +195,34 @@ def device_for(eng: Engine, requested: str) -> str:
     if eng.accelerator is not None and (requested == "auto" or requested.startswith("cuda")):
         return str(eng.accelerator.device)
     return requested
+
+
+# ------------------------------------------------------------------------------ memory per micro-batch
+# (the trainer cuts a micro-batch into row slices that fit; the dry run prints the same estimate)
+
+
+GB = 1e9  # bytes, as the messages and the dry run print memory
+
+
+def activation_bytes_per_token(config, elem: int) -> int:
+    """Bytes autograd keeps per token for the backward pass (an estimate, Korthikanti et al. 2022
+    style): per layer the inputs of the two norms, q/k/v/o and the MLP (~10 hidden-wide tensors)
+    and the MLP's inner tensors (gate, up, act, down input: 4 intermediate-wide), in the compute
+    dtype; plus the logits, their fp32 upcast and its gradient (the loss). With a frozen base (LoRA)
+    the activations are needed all the same: gradients flow through every layer to the adapters."""
+    h = config.hidden_size
+    f = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or getattr(config, "n_inner", None) or 4 * h
+    return config.num_hidden_layers * elem * (10 * h + 4 * f) + config.vocab_size * (elem + 4 + 4)
+
+
+def choose_chunks(rows: int, free_bytes: int, reserved_bytes: int, per_row_bytes: int, headroom: float = 0.85) -> int:
+    """Into how many row slices to cut a micro-batch of `rows` rows so one slice's activations fit
+    in `free_bytes` (measured with the weights resident) less `reserved_bytes` (gradients and
+    optimizer state, allocated at the first step), keeping `headroom` against fragmentation.
+    The step is unchanged: the slices' gradients accumulate to the same sum."""
+    budget = free_bytes * headroom - reserved_bytes
+    fit = int(budget // per_row_bytes) if budget > 0 else 0
+    if fit < 1:
+        raise UnpatchError(f"train.max_length: one row needs ~{per_row_bytes / GB:.2f} GB of activations but ~{max(budget, 0) / GB:.2f} GB "
+                           "is free; lower train.max_length, use dtype bfloat16, or shard the model (examples/ FSDP / DeepSpeed)")
+    return 1 if fit >= rows else math.ceil(rows / fit)

@@ -8,8 +8,8 @@ fp32, as peft stores them; delta: one fp32 tensor per touched weight, dense — 
 can only make it smaller). Estimates (labelled so): memory and time, from the sizes and the
 formulas below, with texts assumed `max_length` tokens long (an upper bound).
 
-The same formulas pick the micro-batch on CUDA (`choose_chunks`, used by methods/loop.py): free
-memory comes from torch.cuda.mem_get_info there, from the caller here; pure, so tested on CPU.
+The activation estimate is distributed.py's (`activation_bytes_per_token`), where the trainer's
+micro-batch choice (`choose_chunks`, used by methods/loop.py) lives beside the sharding code.
 """
 
 from __future__ import annotations
@@ -24,33 +24,8 @@ from typing import Any
 
 import torch
 
+from .distributed import activation_bytes_per_token, choose_chunks
 from .errors import UnpatchError
-
-GB = 1e9
-
-
-def activation_bytes_per_token(config, elem: int) -> int:
-    """Bytes autograd keeps per token for the backward pass (an estimate, Korthikanti et al. 2022
-    style): per layer the inputs of the two norms, q/k/v/o and the MLP (~10 hidden-wide tensors)
-    and the MLP's inner tensors (gate, up, act, down input: 4 intermediate-wide), in the compute
-    dtype; plus the logits, their fp32 upcast and its gradient (the loss). With a frozen base (LoRA)
-    the activations are needed all the same: gradients flow through every layer to the adapters."""
-    h = config.hidden_size
-    f = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or getattr(config, "n_inner", None) or 4 * h
-    return config.num_hidden_layers * elem * (10 * h + 4 * f) + config.vocab_size * (elem + 4 + 4)
-
-
-def choose_chunks(rows: int, free_bytes: int, reserved_bytes: int, per_row_bytes: int, headroom: float = 0.85) -> int:
-    """Into how many row slices to cut a micro-batch of `rows` rows so one slice's activations fit
-    in `free_bytes` (measured with the weights resident) less `reserved_bytes` (gradients and
-    optimizer state, allocated at the first step), keeping `headroom` against fragmentation.
-    The step is unchanged: the slices' gradients accumulate to the same sum."""
-    budget = free_bytes * headroom - reserved_bytes
-    fit = int(budget // per_row_bytes) if budget > 0 else 0
-    if fit < 1:
-        raise UnpatchError(f"train.max_length: one row needs ~{per_row_bytes / GB:.2f} GB of activations but ~{max(budget, 0) / GB:.2f} GB "
-                           "is free; lower train.max_length, use dtype bfloat16, or shard the model (examples/ FSDP / DeepSpeed)")
-    return 1 if fit >= rows else math.ceil(rows / fit)
 
 
 def lora_shape(module, weight: torch.Tensor) -> tuple[int, int]:

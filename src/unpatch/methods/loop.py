@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .. import progress
 from ..atomic import atomic_dir
 from ..batches import Batches
-from ..distributed import engine, schedule, splittable, take
+from ..distributed import activation_bytes_per_token, choose_chunks, engine, schedule, splittable, take
 from ..errors import UnpatchError
 from ..recipe import TrainSection
 
@@ -182,8 +182,6 @@ def _chunks(model, batch, params, train: TrainSection) -> int:
     dev = next(model.parameters()).device
     if dev.type != "cuda":
         return 1
-    from ..plan import activation_bytes_per_token, choose_chunks
-
     free, _ = torch.cuda.mem_get_info(dev)
     trainable = sum(p.numel() for p in params)
     reserved = trainable * (4 + 8)  # fp32 gradients + AdamW's two moments, not allocated yet
