@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .checks import COUNT_MAX, LR_MAX, RANK_MAX, SCALE_MAX, regular_file
 from .errors import UnpatchError
-from .recipe_errors import did_you_mean as _did_you_mean
-from .recipe_errors import format_error as _format_error
+from .recipe_checks import did_you_mean as _did_you_mean
+from .recipe_checks import format_error as _format_error
 from .registry import METHODS, check_options
 
 # allow_inf_nan=False: YAML reads `.nan` / `.inf` as floats, and a NaN lr trains a NaN patch
