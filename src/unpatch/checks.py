@@ -13,6 +13,9 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .errors import UnpatchError
 
@@ -139,3 +142,15 @@ def own_file(folder: Path, name: str) -> Path | None:
     if not stat.S_ISREG(st.st_mode):
         raise UnpatchError(f"{p}: is not a regular file; remove it from the patch folder")
     return p
+
+
+def assignment(item: str) -> tuple[str | None, Any]:
+    """`key=value` as the CLI takes it (`--set`, `--metric-opt`): (key as typed, value read as YAML:
+    100, null, [a, b]; what is no YAML stays text), or (None, None) without an `=`."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        return None, None
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key, value

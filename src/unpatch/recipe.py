@@ -8,7 +8,6 @@ method's own parameters, validated by the config class the method registered (un
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import typing
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .checks import COUNT_MAX, LR_MAX, RANK_MAX, SCALE_MAX, regular_file
+from .checks import COUNT_MAX, LR_MAX, RANK_MAX, SCALE_MAX, assignment, regular_file
 from .errors import UnpatchError
+from .recipe_checks import check_eval_options, check_needs, validate_method
 from .recipe_checks import did_you_mean as _did_you_mean
 from .recipe_checks import format_error as _format_error
-from .registry import METHODS, check_options
 
 # allow_inf_nan=False: YAML reads `.nan` / `.inf` as floats, and a NaN lr trains a NaN patch
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -264,7 +263,7 @@ def _from_raw(raw: Any, overrides: typing.Sequence[str], where: str, p: Path, te
     for key in raw:
         if key not in SECTIONS:
             raise UnpatchError(f"{where}: {key}: unknown key{_did_you_mean(str(key), SECTIONS)}")
-    raw["method"] = _validate_method(raw.get("method"), where)
+    raw["method"] = validate_method(raw.get("method"), where)
     raw.setdefault("patch", {})
     if isinstance(raw["patch"], dict) and raw["patch"].get("name") is None:
         raw["patch"] = {**raw["patch"], "name": re.sub(r"[^\w.-]", "_", p.stem)}
@@ -272,20 +271,16 @@ def _from_raw(raw: Any, overrides: typing.Sequence[str], where: str, p: Path, te
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise UnpatchError(f"{where}: {_format_error(e, Recipe)}") from e
-    _check_needs(recipe, where)
-    _check_eval_options(recipe, where)
+    check_needs(recipe, where)
+    check_eval_options(recipe, where)
     return recipe.model_copy(update={"path": p, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 
 def _apply_override(raw: dict, item: str, where: str) -> None:
-    key, sep, value = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
+    key, parsed = assignment(item)
+    parts = key.strip().split(".") if key is not None else []
+    if key is None or not all(parts):
         raise UnpatchError(f"--set {item!r}: expected key.path=value (e.g. train.lr=1e-4)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -299,66 +294,6 @@ def _apply_override(raw: dict, item: str, where: str) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = parsed
-
-
-def _validate_method(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None:
-        raise UnpatchError(f"{where}: method: missing; add e.g. `method: {{name: ga}}`")
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        raise UnpatchError(f"{where}: method: expected a mapping with `name` and the method's parameters")
-    params = dict(raw)
-    name = params.pop("name", None)
-    if not isinstance(name, str):
-        raise UnpatchError(f"{where}: method.name: missing; e.g. `name: ga`")
-    try:
-        spec = METHODS.get(name)  # imports the methods (and torch) on first use
-    except UnpatchError as e:
-        raise UnpatchError(f"{where}: method.name: {e}") from e
-    try:
-        cfg = spec.config.model_validate(params)
-    except ValidationError as e:
-        raise UnpatchError(f"{where}: {_format_error(e, spec.config, ('method',))}") from e
-    dumped = cfg.model_dump(mode="json")
-    for key, value in _floats(dumped, ("method",)):
-        if not math.isfinite(value):  # method configs are the methods' own; one check covers all of them
-            raise UnpatchError(f"{where}: {key}: must be a finite number (got {value!r})")
-    return {"name": name, "params": dumped}
-
-
-def _floats(node: Any, path: tuple) -> typing.Iterator[tuple[str, float]]:
-    if isinstance(node, float):
-        yield ".".join(path), node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from _floats(v, (*path, str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _floats(v, (*path, str(i)))
-
-
-def _check_eval_options(recipe: Recipe, where: str) -> None:
-    """Each eval option must be one the metric takes, of the type it declares (`limit: abc` would
-    otherwise surface only after training, or never): so validate and --dry-run catch it too."""
-    if not recipe.eval.options:
-        return
-    for metric, given in recipe.eval.options.items():
-        try:
-            check_options(metric, given)
-        except UnpatchError as e:
-            raise UnpatchError(f"{where}: eval.options.{metric}: {e}") from None
-
-
-def _check_needs(recipe: Recipe, where: str) -> None:
-    spec = METHODS.get(recipe.method.name)
-    for role in spec.needs:
-        if getattr(recipe.data, role) is None:
-            raise UnpatchError(f"{where}: data.{role}: required by method {spec.name!r}; add e.g. `{role}: builtin:toxicity`")
-    if recipe.patch.kind not in spec.kinds:
-        raise UnpatchError(f"{where}: patch.kind: method {spec.name!r} builds only {' or '.join(spec.kinds)} patches")
-    if recipe.learn is not None and recipe.data.forget is None:
-        raise UnpatchError(f"{where}: learn: needs data.forget (the content to learn, then forget); add e.g. `forget: {{source: book.txt, chunk_words: 48}}`")
 
 
 __all__ = ["Recipe", "Source", "load_recipe"]

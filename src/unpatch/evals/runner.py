@@ -27,9 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from .. import progress
+from ..checks import assignment
 from ..errors import UnpatchError
 from ..patch.format import Patch
 from ..registry import _parameters, check_options
@@ -98,16 +97,12 @@ def parse_metric_options(items: Sequence[str], metrics: Sequence[str], limit: in
             if "limit" in _parameters(m):
                 options[m]["limit"] = limit
     for item in items:
-        key, sep, value = item.partition("=")
-        metric, dot, name = key.strip().partition(".")
-        if not sep or not dot or not metric or not name:
+        key, parsed = assignment(item)
+        metric, dot, name = (key or "").strip().partition(".")
+        if key is None or not dot or not metric or not name:
             raise UnpatchError(f"--metric-opt {item!r}: expected metric.option=value, e.g. crows_pairs.limit=100")
         if metric not in options:
             raise UnpatchError(f"--metric-opt {item!r}: metric {metric!r} is not selected (selected: {', '.join(metrics)})")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
         options[metric][name] = parsed
     for m, opts in options.items():
         check_options(m, opts)
