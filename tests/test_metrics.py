@@ -12,8 +12,8 @@ from conftest import tiny_model, tiny_tokenizer
 
 from unpatch.errors import UnpatchError
 from unpatch.evals import get_metric, list_metrics
-from unpatch.evals.forgetting import reference_logprobs
 from unpatch.evals.harmful import fit_logistic, greedy_continuations, mean_pooled
+from unpatch.evals.kl import reference_logprobs
 from unpatch.evals.stereoset import Item, load_stereoset, summarize
 from unpatch.evals.verbatim import corpus_bleu, lcs_length, rouge_l
 

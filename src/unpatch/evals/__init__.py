@@ -15,7 +15,7 @@ from typing import Any
 from ..registry import METRICS
 
 DIRECTIONS = ("lower", "higher", "target")
-METRIC_MODULES = ("crows_pairs", "perplexity", "forgetting", "stereoset", "harmful", "verbatim", "recall", "bbq")  # every module here registers its metrics on import
+METRIC_MODULES = ("crows_pairs", "perplexity", "forgetting", "kl", "stereoset", "harmful", "verbatim", "recall", "bbq")  # every module here registers its metrics on import
 
 
 @dataclass(frozen=True)
