@@ -15,10 +15,11 @@ from conftest import FORGET, make_lora_patch, state_equal, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from unpatch.audit import AUDIT_FILE, audit, audit_data, audit_model, linear_weights, quantise_, rtn
+from unpatch.audit import AUDIT_FILE, audit, audit_data, audit_model
 from unpatch.errors import UnpatchError
 from unpatch.hub import files_to_push
 from unpatch.patch.store import load_patch, save_patch
+from unpatch.quantise import linear_weights, quantise_, rtn
 
 RETAIN = ["a brown dog is good", "people ran over the mat", "she sat on a mat and he ran",
           "the lazy cat was very quick", "good people are quick", "he is a brown fox"]
@@ -170,7 +171,7 @@ def test_quantisation_is_a_real_gguf_round_trip_where_supported():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from unpatch.audit import gguf_roundtrip, quantise_auto_
+    from unpatch.quantise import gguf_roundtrip, quantise_auto_
 
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     for bits, name in ((8, "Q8_0"), (4, "Q4_0")):
