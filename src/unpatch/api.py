@@ -24,7 +24,7 @@ from .patch.format import Patch
 
 
 class Applied(_Applied):
-    """Patches applied in place to a loaded model (unpatch.apply.Applied), usable as a context
+    """Patches applied in place to a loaded model (unpatch.patch.apply.Applied), usable as a context
     manager: leaving the `with` block reverts them, bit for bit."""
 
     def __enter__(self) -> Applied:

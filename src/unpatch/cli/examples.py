@@ -1,6 +1,6 @@
 """`--help` text shared by every command: one or two examples each, and flags shown as flags.
 
-Examples are attached as click epilogs when the commands are assembled (cli.py imports this
+Examples are attached as click epilogs when the commands are assembled (cli/__init__.py calls this
 last), so each command's module stays about what it does. Conventions the examples follow:
 `--out` is always a folder (or, for `audit`, the report file) that is written atomically;
 `--json FILE` always writes the full results to FILE (eval, sweep); `inspect --json` writes to

@@ -43,7 +43,7 @@ def strict_options(fn):
 
 def load_metric_texts(metric: str, source: str, column: str | None = None, limit: int | None = None,
                       chunk_words: int | None = None) -> list[str]:
-    """Texts of any data source string (builtin:, hub:, a file) through unpatch.data's loaders."""
+    """Texts of any data source string (builtin:, hub:, a file) through unpatch.sources' loaders."""
     from pydantic import ValidationError
 
     from ..recipe import Source

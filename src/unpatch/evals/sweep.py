@@ -188,7 +188,7 @@ def plot(sw: dict[str, Any]) -> bytes:
 
 def write_sweep(path: str | Path, sw: dict[str, Any]) -> Patch:
     """sweep.json + sweep.png into the patch folder, the recommendation into the manifest, the
-    card regenerated; one atomic folder swap (see card.rewrite_patch)."""
+    card regenerated; one atomic folder swap (see patch.store.rewrite_patch)."""
     from ..patch.store import rewrite_patch
 
     summary = {"recommended_scale": sw["recommended_scale"], "objective": sw["objective"], "selected_on": sw.get("selected_on", "all"),

@@ -15,7 +15,7 @@ apart in rows that tell the two groups apart. So:
      lifts log p(less), which matches how CrowS-Pairs scores a pair.)
 The ranking is computed ONCE, from the base weights, before training (the original recomputes
 it per batch). Why: the patch then changes exactly the chosen k % of rows, so it stays
-row-sparse (build.sparsify stores only those rows) and `k_percent` means what it says; and a
+row-sparse (builder.sparsify stores only those rows) and `k_percent` means what it says; and a
 resumed build recomputes the very same ranking from the base, so resume needs no extra state.
 The gap is unbounded below: stop with `train.early_stop: {metric: gap, below: 0}`.
 

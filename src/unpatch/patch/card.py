@@ -7,9 +7,9 @@ those files are in the folder, the metric settings, the data sources by sha256 (
 the build's wall time, hardware and library versions, and the exact recipe.
 
 The manifest's `metrics` holds what the card shows:
-  eval   results of `unpatch.evaluate.evaluate` (base first, then the patch at scale 1)
+  eval   results of `unpatch.evals.runner.evaluate` (base first, then the patch at scale 1)
   build  {"seconds", "hardware", "data": {role: {"source", "items", "sha256"}}}
-  sweep  {"recommended_scale", "objective", "max_ppl_increase", "file", "plot"} (see sweep.py)
+  sweep  {"recommended_scale", "objective", "max_ppl_increase", "file", "plot"} (see evals/sweep.py)
 """
 
 from __future__ import annotations
