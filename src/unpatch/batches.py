@@ -44,8 +44,7 @@ class Batches:
         seqs = encode(texts, tokenizer, max_length)
         if not seqs:
             raise UnpatchError(f"{where}: no text is at least 2 tokens long; nothing to train on")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(seqs, batch_size, seed, pad if pad is not None else 0)
+        return cls(seqs, batch_size, seed, pad_id(tokenizer))
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -60,3 +59,14 @@ class Batches:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return collate([self.seqs[j] for j in self.indices(i)], self.pad_id)
+
+
+def pad_id(tokenizer, fallback=None) -> int:
+    """The id to right-pad with: the tokenizer's pad token; without one, `fallback` (an id, or a
+    function of the tokenizer, called only then: scoring pads with its prefix token, BOS else EOS),
+    else EOS, else 0. Padded positions are masked, so the choice never changes a number."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if fallback is not None:
+        return fallback(tokenizer) if callable(fallback) else fallback
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

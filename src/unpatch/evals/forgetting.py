@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..batches import pad_id
 from ..errors import UnpatchError
+from ..modes import evaluating
 from . import register_metric
 from .scoring import encode_for_scoring, prefix_token_id
 
@@ -132,7 +134,7 @@ def _max_length(model, max_length: int | None) -> int:
 
 
 def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    return pad_id(tokenizer, prefix_token_id)
 
 
 @torch.inference_mode()
@@ -142,9 +144,7 @@ def token_nll(model, tokenizer, texts: list[str], max_length: int | None = None,
     seqs = token_seqs(tokenizer, texts, _max_length(model, max_length), metric)
     total, count = 0.0, 0
     per_text, lengths = [0.0] * len(seqs), [len(s) - 1 for s in seqs]  # per-item outcomes: NLL sum and tokens of each text
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for idx, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
             keep = tgt.flatten() != -100
             flat = _logits(model, inp).flatten(0, 1)[keep.to(_device(model))]
@@ -157,8 +157,6 @@ def token_nll(model, tokenizer, texts: list[str], max_length: int | None = None,
             for i, chunk in zip(idx, torch.cat(pieces).split([lengths[i] for i in idx]), strict=True):  # row order = idx order
                 per_text[i] = -float(chunk.sum())
             count += int(keep.sum())
-    finally:
-        model.train(was_training)
     from ..stats import Outcomes, record
 
     record(Outcomes("nll", "ratio", per_text, w=[float(n) for n in lengths], unit="texts"))

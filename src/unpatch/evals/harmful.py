@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..batches import pad_id
 from ..errors import UnpatchError
+from ..modes import evaluating
 from . import register_metric
 from .forgetting import base_model, load_metric_texts, strict_options
 
@@ -186,17 +188,14 @@ def greedy_continuations(model, tokenizer, texts: Sequence[str] | Sequence[list[
     if room is not None and room < 1:
         raise UnpatchError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's {limit} positions; lower it")
     ids = [list(t) if not isinstance(t, str) else tokenizer(t)["input_ids"] for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                            eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: less padding
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             rows = [ids[i][-room:] if room else ids[i] for i in idx]
@@ -211,8 +210,6 @@ def greedy_continuations(model, tokenizer, texts: Sequence[str] | Sequence[list[
             for r, i in enumerate(idx):
                 new = gen[r, width:].tolist()
                 out[i] = new[: new.index(eos)] if eos is not None and eos in new else new
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -220,7 +217,7 @@ def greedy_continuations(model, tokenizer, texts: Sequence[str] | Sequence[list[
 def mean_pooled(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """[N, hidden] mean over each text's tokens of the last hidden state (right-padded, masked)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(texts), batch_size):

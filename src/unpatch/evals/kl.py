@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnpatchError
+from ..modes import evaluating
 from . import register_metric
 from .forgetting import (
     BATCH_TOKENS,
@@ -101,9 +102,7 @@ def kl_retain(model, tokenizer, reference=None, reference_logprobs: ReferenceLog
 @torch.inference_mode()
 def _kl_exact(model, tokenizer, seqs, reference, batch_tokens: int) -> dict[str, float]:
     total, count, worst = 0.0, 0, 0.0
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for _, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
             keep = (tgt.flatten() != -100).to(_device(model))
             patched = _logits(model, inp).flatten(0, 1)[keep]
@@ -121,8 +120,6 @@ def _kl_exact(model, tokenizer, seqs, reference, batch_tokens: int) -> dict[str,
                 total += float(kl.sum())
                 worst = max(worst, float(kl.max()))
             count += int(keep.sum())
-    finally:
-        model.train(was_training)
     return {"kl": total / count, "max_kl": worst, "tokens": count, "texts": len(seqs), "top_k": 0}
 
 
@@ -130,9 +127,7 @@ def _kl_exact(model, tokenizer, seqs, reference, batch_tokens: int) -> dict[str,
 def _kl_cached(model, tokenizer, seqs, ref: ReferenceLogprobs, batch_tokens: int) -> dict[str, float]:
     total, count, worst = 0.0, 0, 0.0
     per_text = [0.0] * len(seqs)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for idx, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
             logits = _logits(model, inp)
             for r, i in enumerate(idx):
@@ -154,8 +149,6 @@ def _kl_cached(model, tokenizer, seqs, ref: ReferenceLogprobs, batch_tokens: int
                 per_text[i] = float(kl.sum())
                 worst = max(worst, float(kl.max()))
                 count += n
-    finally:
-        model.train(was_training)
     _record_kl(per_text, seqs)
     return {"kl": total / count, "max_kl": worst, "tokens": count, "texts": len(seqs), "top_k": ref.top_k}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnpatchError
+from ..modes import evaluating
 from . import register_metric
 
 WIKITEXT2 = "hub:Salesforce/wikitext:wikitext-2-raw-v1@test"
@@ -106,10 +107,8 @@ def _score_windows(model, ids: torch.Tensor, wins, batch_size: int, progress: bo
 
         bar = bars.start("perplexity", len(wins), unit="windows", log=False)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(model):
             i = 0
             while i < len(wins):
                 shape = _shape(wins[i])  # (window length, targets)
@@ -136,7 +135,6 @@ def _score_windows(model, ids: torch.Tensor, wins, batch_size: int, progress: bo
     finally:
         if bar is not None:
             bar.stop()
-        model.train(was_training)
     return total, count
 
 

@@ -30,7 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..batches import pad_id
 from ..errors import UnpatchError
+from ..modes import evaluating
 
 PROGRESS_MIN_TEXTS = 512  # show a progress bar only for runs long enough to be worth watching
 
@@ -74,28 +76,25 @@ def sentence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
     if limit and longest > limit:
         i = next(i for i, s in enumerate(seqs) if len(s) - 1 > limit)
         raise UnpatchError(f"text {i} has {len(seqs[i]) - 1} tokens, more than the model's {limit} positions; shorten it or use the perplexity metric")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+    pad = pad_id(tokenizer, prefix)
     window = getattr(cfg, "sliding_window", None)
     if (window and longest > window) or getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         share_prefixes = False  # a custom 4D mask replaces sliding windows, and flash attention ignores it
-    was_training = model.training
-    model.eval()
     bar = _progress(len(seqs), progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(model):
             if share_prefixes:
                 try:
-                    return _score_packed(model, seqs, batch_size, pad_id, bar)
+                    return _score_packed(model, seqs, batch_size, pad, bar)
                 except (TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as e:  # a model that rejects 4D masks
                     warnings.warn(f"prefix sharing failed for {type(model).__name__} ({e}); scoring without it", stacklevel=2)
                     if bar is not None:
                         bar.stop()
                         bar = _progress(len(seqs), True)
-            return _score_plain(model, seqs, batch_size, pad_id, bar)
+            return _score_plain(model, seqs, batch_size, pad, bar)
     finally:
         if bar is not None:
             bar.stop()
-        model.train(was_training)
 
 
 def _progress(total: int, enabled: bool | None):

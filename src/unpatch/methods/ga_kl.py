@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..batches import Batches, collate
+from ..batches import Batches, collate, pad_id
 from ..errors import UnpatchError
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
@@ -130,7 +130,7 @@ class Streams:
     def __init__(self, ctx: Context, cfg: GAKLConfig):
         tok, t = ctx.tokenizer, ctx.recipe.train
         self.max_length, self.seed, self.cfg = t.max_length, t.seed, cfg
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad = pad_id(tok)
         where = f"{ctx.recipe.path}: data"
         # forget: whole texts for the ascent, and each one's prompt tokens for the random pairs
         seqs, self.prompts, self.n_prompt = [], [], []

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..batches import Batches, collate
+from ..batches import Batches, collate, pad_id
 from ..errors import UnpatchError
 from . import Context, MethodResult, register
 from .loop import train_loop
@@ -226,9 +226,8 @@ def masked_nll(model, batch) -> tuple[torch.Tensor, int]:
 def _batches(cfg: MaskedGAConfig, data, tokenizer, recipe, where: str) -> MaskedBatches:
     t = recipe.train
     items = examples(cfg, data, tokenizer, t.max_length, where)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seed = t.seed + ("forget", "retain", "pairs").index(cfg.role) * 7919  # as Context.batches
-    return MaskedBatches(items, t.batch_size, seed, pad if pad is not None else 0)
+    return MaskedBatches(items, t.batch_size, seed, pad_id(tokenizer))
 
 
 @torch.no_grad()

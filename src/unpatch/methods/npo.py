@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..batches import Batches, collate
 from ..errors import UnpatchError
+from ..modes import evaluating
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
 from .loop import train_loop
@@ -54,12 +55,10 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.T
 @torch.no_grad()
 def reference_logprobs(model, forget: Batches) -> torch.Tensor:
     """log pi_ref of every forget sequence, in fixed batches of the stream's size (delta kind)."""
-    was_training = model.training
-    model.eval()
     out, n = [], forget.batch_size
-    for k in range(0, len(forget.seqs), n):
-        out.append(sequence_logprobs(model, collate(forget.seqs[k: k + n], forget.pad_id))[0].cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for k in range(0, len(forget.seqs), n):
+            out.append(sequence_logprobs(model, collate(forget.seqs[k: k + n], forget.pad_id))[0].cpu())
     return torch.cat(out)
 
 

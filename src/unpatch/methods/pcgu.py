@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..batches import Batches, collate
+from ..batches import Batches, collate, pad_id
 from . import Context, MethodResult, register
 from .loop import train_loop
 from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss, pair_scores
@@ -64,7 +64,7 @@ class PairBatches:
         less = encode_for_scoring(tokenizer, [s for _, s in pairs], prefix)
         self.more = [s[:max_length] for s in more]
         self.less = [s[:max_length] for s in less]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+        pad = pad_id(tokenizer, prefix)
         self.order = Batches(self.more, batch_size, seed, pad)  # used for its seeded order only
         self.pad = pad
 

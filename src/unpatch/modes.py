@@ -1,0 +1,18 @@
+"""Putting a model into a mode for a block of work: evaluating(model) scores or generates in eval
+mode (dropout off) and gives the model back in the mode it came in, as every metric and the
+reference passes of the methods need."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """model.eval() for the block; afterwards (also after an error) model.train(as it was)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
