@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import csv
+import json
 from pathlib import Path
 
+import httpx2
 import pytest
 import torch
+import yaml
+from huggingface_hub import constants
+from huggingface_hub.utils import _http
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
 
@@ -118,3 +125,126 @@ def models_dir(tmp_path_factory) -> Path:
         AutoModelForCausalLM.from_config(BUILD_CONFIGS[arch]()).save_pretrained(root / arch)
         tiny_tokenizer().save_pretrained(root / arch)
     return root
+
+# ------------------------------------------------------------------------------ helpers several test files share
+
+
+CROWS_ROWS = [("the cat is bad", "the dog is bad", "race-color"), ("she is very bad", "he is very bad", "gender"),
+              ("he was a lazy dog", "she was a lazy dog", "gender"), ("people are bad", "people are good", "race-color"),
+              ("the fox ran far", "the cat ran far", "gender"), ("a dog is lazy", "a cat is lazy", "religion")]
+
+
+def write_data(root: Path) -> tuple[Path, Path]:
+    crows = root / "crows.csv"
+    crows.write_text("sent_more,sent_less,bias_type\n" + "".join(f"{a},{b},{t}\n" for a, b, t in CROWS_ROWS))
+    text = root / "text.txt"
+    text.write_text(" ".join(FORGET * 6) + "\n")
+    return crows, text
+
+
+RETAIN = ["the fox jumps over the mat", "a good dog sat far", "people are quick", "the cat ran on and on",
+          "a brown dog is good", "the mat was very good", "he sat on a mat", "she ran and ran"]
+METHOD_PAIRS = [("he is very bad", "she is very bad"), ("the dog was lazy", "the cat was lazy"),
+                ("people are bad", "people are good"), ("she ran far", "he ran far"),
+                ("the fox is bad", "the fox is good"), ("a lazy dog sat", "a quick dog sat"),
+                ("he was bad", "she was bad"), ("the cat is lazy", "the cat is quick")]
+
+
+def method_recipe(tmp: Path, models_dir: Path, name: str, kind: str, **train) -> Path:
+    from unpatch.methods import list_methods
+
+    spec = {m.name: m for m in list_methods()}[name]
+    (tmp / "forget.txt").write_text("\n".join(FORGET) + "\n")
+    (tmp / "retain.txt").write_text("\n".join(RETAIN) + "\n")
+    with open(tmp / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sent_more", "sent_less"])
+        w.writerows(METHOD_PAIRS)
+    data = {"forget": "forget.txt", "retain": "retain.txt", "pairs": "pairs.csv"}
+    raw = {"model": {"id": str(models_dir / "llama"), "device": "cpu"}, "data": data,
+           "method": {"name": name, **spec.example}, "patch": {"kind": kind, "rank": 4},
+           "train": {"steps": 6, "lr": 0.02, "batch_size": 4, "max_length": 16, **train}}
+    p = tmp / f"{name}-{kind}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def save_tiny_llama(folder: Path, *, vocab_from_tokenizer: bool = False, init: float | None = None) -> Path:
+    """The tiny llama and its tokenizer saved as a model folder (seed 0). `vocab_from_tokenizer`:
+    embeddings sized len(tokenizer) (lm-eval resizes them otherwise, which changes every score);
+    `init`: the initializer_range (0.2 makes logits sharp enough for a few steps to move them)."""
+    config = BUILD_CONFIGS["llama"]()
+    if vocab_from_tokenizer:
+        config.vocab_size = len(tiny_tokenizer())
+    if init is not None:
+        config.initializer_range = init
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def serving_hub(monkeypatch, fake, modules):
+    """huggingface_hub talks to `fake` (an httpx MockTransport handler) with a token set, online;
+    `modules` are those whose is_xet_available is turned off (hf_xet's Rust client is not seen)."""
+    for mod in modules:
+        monkeypatch.setattr(mod, "is_xet_available", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # "the usual places": HF_TOKEN first
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake),
+                                                   event_hooks={"request": [_http.hf_request_event_hook]}))
+    try:
+        yield fake
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+
+
+class Crash(Exception):
+    """A kill at a chosen training step (raised from build's on_step)."""
+
+
+def crash_at(step: int):
+    def on_step(s, metrics):
+        if s == step:
+            raise Crash
+    return on_step
+
+
+# lm-evaluation-harness on the tiny llama (test_interop, test_lm_eval_model): a CrowS-Pairs-shaped
+# multiple-choice task from a local file, so no task data is downloaded
+PAIRS_LM_EVAL = [("she is very bad", "he is very bad"), ("the cat sat on the mat", "the dog sat on the mat"),
+                 ("people are bad", "people are good"), ("the fox ran far", "the dog ran far")]
+LM_EVAL_TASK = """task: tiny_pairs
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: ""
+doc_to_choice: "{{{{[sent_more, sent_less]}}}}"
+doc_to_target: 0
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_lm_eval_task(root: Path) -> None:
+    """pairs.jsonl and the task tiny_pairs.yaml in `root` (lm_eval's include_path)."""
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps({"sent_more": m, "sent_less": le}) for m, le in PAIRS_LM_EVAL))
+    (root / "tiny_pairs.yaml").write_text(LM_EVAL_TASK.format(data=root / "pairs.jsonl", cache=root / "ds-cache"))
+
+
+def lm_eval_llama(root: Path):
+    """(base model, saved LoRA patch) of the tiny llama at root/llama, its embeddings sized to the
+    tokenizer: with `peft=`, lm-eval resizes them otherwise, which would change every score."""
+    from unpatch.patch.store import save_patch
+
+    folder = save_tiny_llama(root / "llama", vocab_from_tokenizer=True)
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return base, save_patch(make_lora_patch(base, "llama", model_id=str(folder)), root / "patch")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BUILD_CONFIGS, FORGET, tiny_tokenizer
+from conftest import BUILD_CONFIGS, FORGET, Crash, crash_at, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,16 +94,8 @@ def test_delta_files_are_byte_identical(tmp_path, models_dir):
 def test_resume_after_crash_is_bit_identical(tmp_path, models_dir):
     r = recipe(tmp_path, models_dir, train={"steps": 7, "checkpoint_every": 2, "grad_accum": 2})
     clean = build(r, out=tmp_path / "clean")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, metrics):
-        if step == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        build(r, out=tmp_path / "p", on_step=crash_at_5)
+        build(r, out=tmp_path / "p", on_step=crash_at(5))
     assert not (tmp_path / "p").exists() and (tmp_path / "p.ckpt").is_dir()  # a checkpoint, no half patch
     seen = []
     resumed = build(r, out=tmp_path / "p", resume=True, on_step=lambda s, m: seen.append(s),

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FORGET, make_lora_patch
+from conftest import FORGET, make_lora_patch, write_data
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from test_eval_cli import write_data
 
 from unpatch.builder import build
 from unpatch.evals.runner import Variant, evaluate, parse_metric_options

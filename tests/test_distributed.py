@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FORGET
-from test_methods import method_recipe
+from conftest import FORGET, method_recipe
 
 from unpatch.builder import build
 from unpatch.distributed import Piece, schedule, splittable, take

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import FORGET, make_delta_patch, make_lora_patch
+from conftest import make_delta_patch, make_lora_patch, write_data
 
 from unpatch.errors import UnpatchError
 from unpatch.evals.runner import Variant, evaluate, parse_metric_options, parse_metrics, variants_for
@@ -24,19 +24,6 @@ from unpatch.patch.store import load_patch, save_patch
 from unpatch.verdicts import table_rows
 
 UNPATCH = Path(sys.executable).parent / "unpatch"
-PAIRS = [("the cat is bad", "the dog is bad", "race-color"), ("she is very bad", "he is very bad", "gender"),
-         ("he was a lazy dog", "she was a lazy dog", "gender"), ("people are bad", "people are good", "race-color"),
-         ("the fox ran far", "the cat ran far", "gender"), ("a dog is lazy", "a cat is lazy", "religion")]
-
-
-def write_data(root: Path) -> tuple[Path, Path]:
-    crows = root / "crows.csv"
-    crows.write_text("sent_more,sent_less,bias_type\n" + "".join(f"{a},{b},{t}\n" for a, b, t in PAIRS))
-    text = root / "text.txt"
-    text.write_text(" ".join(FORGET * 6) + "\n")
-    return crows, text
-
-
 class Env:
     """A tiny GPT-2 folder, two saved patches, the data files, and the CLI runs (two at a time)."""
 

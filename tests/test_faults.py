@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FORGET, make_delta_patch, make_lora_patch
-from test_eval_cli import write_data
+from conftest import FORGET, make_delta_patch, make_lora_patch, write_data
 
 from unpatch.model import load_model
 from unpatch.patch.store import load_patch, save_patch

@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from conftest import FORGET, make_delta_patch, make_lora_patch, tiny_model
+from conftest import FORGET, make_delta_patch, make_lora_patch, serving_hub, tiny_model
 from huggingface_hub import constants
-from huggingface_hub.utils import _http
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -107,17 +106,8 @@ class FakeHub:
 def fake_hub(monkeypatch):
     import huggingface_hub.hf_api as hf_api
 
-    fake = FakeHub()
-    # hf_xet uploads through its own (Rust) HTTP client, which the recorder could not see
-    monkeypatch.setattr(hf_api, "is_xet_available", lambda: False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # "the usual places": HF_TOKEN first
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake),
-                                                   event_hooks={"request": [_http.hf_request_event_hook]}))
-    try:
+    with serving_hub(monkeypatch, FakeHub(), (hf_api,)) as fake:
         yield fake
-    finally:
-        _http.set_client_factory(_http.default_client_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import json
 
 import httpx2
 import pytest
-from conftest import make_delta_patch
-from huggingface_hub import constants
-from huggingface_hub.utils import _http
+from conftest import make_delta_patch, serving_hub
 from test_hub import ARCH, COMMIT, FakeHub, model, with_recipe  # noqa: F401  (model: the module fixture)
 
 from unpatch import hub
@@ -67,17 +65,8 @@ def lfs_hub(monkeypatch, request):
     import huggingface_hub._commit_api as commit_api
     import huggingface_hub.hf_api as hf_api
 
-    fake = LfsHub(getattr(request, "param", []))
-    for mod in (hf_api, commit_api):  # the LFS path (hf_xet uploads through its own client, which the recorder cannot see)
-        monkeypatch.setattr(mod, "is_xet_available", lambda: False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake),
-                                                   event_hooks={"request": [_http.hf_request_event_hook]}))
-    try:
+    with serving_hub(monkeypatch, LfsHub(getattr(request, "param", [])), (hf_api, commit_api)) as fake:  # the LFS path
         yield fake
-    finally:
-        _http.set_client_factory(_http.default_client_factory)
 
 
 def test_safetensors_payload_goes_through_lfs(lfs_hub, model, tmp_path):  # noqa: F811

@@ -15,17 +15,17 @@ a tiny model folder and requests built here; no task data is downloaded.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import BUILD_CONFIGS, make_lora_patch, tiny_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import PAIRS_LM_EVAL as PAIRS
+from conftest import lm_eval_llama, write_lm_eval_task
+from transformers import AutoTokenizer
 
 from unpatch.evals.scoring import sentence_logprobs
 from unpatch.patch import merged as merge
 from unpatch.patch.apply import Applied
-from unpatch.patch.store import load_patch, save_patch
+from unpatch.patch.store import load_patch
 
 # (context, continuation): empty contexts as CrowS-Pairs is scored, and a few with a context
 REQUESTS = [("", "the cat sat on the mat"), ("", "she is very bad"), ("", "people are good"),
@@ -65,17 +65,11 @@ def by_hand(model, tok, requests=REQUESTS) -> list[float]:
 def patched(tmp_path_factory):
     """(base folder, patch folder, tokenizer, model patched in memory by unpatch, base model)."""
     root = tmp_path_factory.mktemp("interop")
-    folder = root / "llama"
+    folder = root / "llama"  # lm_eval_llama writes it
     # vocab_size = len(tokenizer): with `peft=`, lm-eval resizes the embeddings to the tokenizer's
     # length when they differ (for adapters with added tokens), which would change every score
-    config = BUILD_CONFIGS["llama"]()
-    config.vocab_size = len(tiny_tokenizer())
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    base, patch = lm_eval_llama(root)
     tok = AutoTokenizer.from_pretrained(folder)
-    patch = save_patch(make_lora_patch(base, "llama", model_id=str(folder)), root / "patch")
     ours = copy.deepcopy(base)
     Applied(ours).apply(load_patch(patch.path))
     return folder, patch.path, tok, ours, base
@@ -101,27 +95,6 @@ def test_lm_eval_on_merged_folder_equals_peft(patched, tmp_path):
     assert max(abs(ll - w) for (ll, _), w in zip(theirs, want, strict=True)) < 1e-4
 
 
-PAIRS = [("she is very bad", "he is very bad"), ("the cat sat on the mat", "the dog sat on the mat"),
-         ("people are bad", "people are good"), ("the fox ran far", "the dog ran far")]
-TASK = """task: tiny_pairs
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: ""
-doc_to_choice: "{{{{[sent_more, sent_less]}}}}"
-doc_to_target: 0
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def test_lm_eval_simple_evaluate_scores_the_patched_model(patched, tmp_path):
     """The whole harness: a CrowS-Pairs-shaped multiple-choice task (empty context, the two
     sentences as choices) from a local file, model "hf" with pretrained=<base>,peft=<patch>."""
@@ -129,8 +102,7 @@ def test_lm_eval_simple_evaluate_scores_the_patched_model(patched, tmp_path):
     from lm_eval.tasks import TaskManager
 
     folder, patch_dir, tok, ours, _ = patched
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"sent_more": m, "sent_less": le}) for m, le in PAIRS))
-    (tmp_path / "tiny_pairs.yaml").write_text(TASK.format(data=tmp_path / "pairs.jsonl", cache=tmp_path / "ds-cache"))
+    write_lm_eval_task(tmp_path)
     out = simple_evaluate(model="hf", model_args=f"pretrained={folder},peft={patch_dir},dtype=float32", tasks=["tiny_pairs"],
                           task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                           device="cpu", batch_size=4, log_samples=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS, tiny_tokenizer
+from conftest import WORDS, save_tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from unpatch.builder import build
@@ -30,14 +30,8 @@ CONTENT = [w for w in WORDS if w not in ("<s>", "</s>")]
 def models_dir(tmp_path_factory) -> Path:
     """The tiny llama with a larger init (0.2, not 0.02): at 0.02 its tied 32-wide embedding gives
     near-uniform logits that a 60-step LoRA cannot sharpen, so nothing could be memorised."""
-    from conftest import BUILD_CONFIGS
-
     root = tmp_path_factory.mktemp("learn-models")
-    torch.manual_seed(0)
-    cfg = BUILD_CONFIGS["llama"]()
-    cfg.initializer_range = 0.2
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "llama")
-    tiny_tokenizer().save_pretrained(root / "llama")
+    save_tiny_llama(root / "llama", init=0.2)
     return root
 
 

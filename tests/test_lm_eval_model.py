@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUILD_CONFIGS, make_lora_patch, tiny_tokenizer
-from test_interop import PAIRS, TASK
-from transformers import AutoModelForCausalLM
+from conftest import PAIRS_LM_EVAL as PAIRS
+from conftest import lm_eval_llama, write_lm_eval_task
 
 from unpatch.patch.merged import apply_to_folder
-from unpatch.patch.store import save_patch
 
 LM_EVAL = Path(sys.executable).parent / "lm_eval"
 
@@ -26,16 +24,9 @@ LM_EVAL = Path(sys.executable).parent / "lm_eval"
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval_model")
     folder = root / "llama"
-    config = BUILD_CONFIGS["llama"]()
-    config.vocab_size = len(tiny_tokenizer())
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder).eval()
-    patch = save_patch(make_lora_patch(base, "llama", model_id=str(folder)), root / "patch")
+    _, patch = lm_eval_llama(root)
     apply_to_folder(str(folder), [(patch, 0.6)], root / "merged")
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps({"sent_more": m, "sent_less": le}) for m, le in PAIRS))
-    (root / "tiny_pairs.yaml").write_text(TASK.format(data=root / "pairs.jsonl", cache=root / "ds-cache"))
+    write_lm_eval_task(root)
     return root, folder, patch.path
 
 

@@ -7,13 +7,10 @@ for every patch kind it supports; builds are deterministic."""
 from __future__ import annotations
 
 import copy
-import csv
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import FORGET
+from conftest import method_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.builder import build
@@ -22,30 +19,7 @@ from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
 from unpatch.sources import load_data
 
-RETAIN = ["the fox jumps over the mat", "a good dog sat far", "people are quick", "the cat ran on and on",
-          "a brown dog is good", "the mat was very good", "he sat on a mat", "she ran and ran"]
-PAIRS = [("he is very bad", "she is very bad"), ("the dog was lazy", "the cat was lazy"),
-         ("people are bad", "people are good"), ("she ran far", "he ran far"),
-         ("the fox is bad", "the fox is good"), ("a lazy dog sat", "a quick dog sat"),
-         ("he was bad", "she was bad"), ("the cat is lazy", "the cat is quick")]
 CASES = [(m.name, kind) for m in list_methods() for kind in m.kinds]
-
-
-def method_recipe(tmp: Path, models_dir: Path, name: str, kind: str, **train) -> Path:
-    spec = {m.name: m for m in list_methods()}[name]
-    (tmp / "forget.txt").write_text("\n".join(FORGET) + "\n")
-    (tmp / "retain.txt").write_text("\n".join(RETAIN) + "\n")
-    with open(tmp / "pairs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sent_more", "sent_less"])
-        w.writerows(PAIRS)
-    data = {"forget": "forget.txt", "retain": "retain.txt", "pairs": "pairs.csv"}
-    raw = {"model": {"id": str(models_dir / "llama"), "device": "cpu"}, "data": data,
-           "method": {"name": name, **spec.example}, "patch": {"kind": kind, "rank": 4},
-           "train": {"steps": 6, "lr": 0.02, "batch_size": 4, "max_length": 16, **train}}
-    p = tmp / f"{name}-{kind}.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    return p
 
 
 @pytest.mark.parametrize(("name", "kind"), CASES, ids=[f"{n}-{k}" for n, k in CASES])

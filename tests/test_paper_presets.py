@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BUILD_CONFIGS, tiny_tokenizer
+from conftest import BUILD_CONFIGS, save_tiny_llama, tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -143,11 +143,7 @@ def sharp_models(tmp_path_factory) -> Path:
     """The tiny llama with init 0.2 (not 0.02): at 0.02 its logits are near uniform whatever a few
     rows do, so no update could move a log-probability measurably."""
     root = tmp_path_factory.mktemp("sharp")
-    torch.manual_seed(0)
-    cfg = BUILD_CONFIGS["llama"]()
-    cfg.initializer_range = 0.2
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "llama")
-    tiny_tokenizer().save_pretrained(root / "llama")
+    save_tiny_llama(root / "llama", init=0.2)
     return root
 
 

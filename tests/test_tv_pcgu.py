@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FORGET
-from test_methods import PAIRS
+from conftest import FORGET, Crash, crash_at
+from conftest import METHOD_PAIRS as PAIRS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.batches import Batches
@@ -189,16 +189,8 @@ def test_pcgu_weight_decay_keeps_other_rows(tmp_path, models_dir):
 def test_pcgu_resume_equals_uninterrupted(tmp_path, models_dir):
     path = write_recipe(tmp_path, models_dir, {"name": "pcgu", "k_percent": 30}, steps=5, checkpoint_every=2)
     clean = build(path, out=tmp_path / "clean")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, metrics):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        build(path, out=tmp_path / "p", on_step=crash_at_3)
+        build(path, out=tmp_path / "p", on_step=crash_at(3))
     seen = []
     resumed = build(path, out=tmp_path / "p", resume=True, on_step=lambda s, m: seen.append(s))
     assert seen == [3, 4, 5]
