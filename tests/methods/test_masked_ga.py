@@ -25,7 +25,7 @@ from unpatch.methods.masked_ga import (
 from unpatch.recipe import load_recipe
 from unpatch.sources import Data, load_data
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def words_at(text: str, spans) -> list[str]:

@@ -216,7 +216,7 @@ def lm_eval_crows_task(folder: Path, csv_path: Path) -> str:
     """lm-eval's own crows_pairs_english task pointed at a local CSV: the set-up bench/eval.py uses."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_eval", Path(__file__).parents[1] / "bench" / "eval.py")
+    spec = importlib.util.spec_from_file_location("bench_eval", Path(__file__).parents[2] / "bench" / "eval.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench.lm_eval_task(folder, csv_path)

@@ -23,7 +23,7 @@ from unpatch.model import load_model
 from unpatch.patch.card import render_card
 from unpatch.patch.store import load_patch, regenerate_card, save_patch
 
-GOLDEN = Path(__file__).parent / "golden" / "card.md"
+GOLDEN = Path(__file__).parents[1] / "golden" / "card.md"
 RECIPE = "model: {id: example/tiny-gpt2}\ndata: {forget: forget.txt}\nmethod: {name: ga}\ntrain: {steps: 8}\n"
 VERSIONS = {"unpatch": "0.0.0", "torch": "2.x", "transformers": "5.x", "peft": "0.x", "safetensors": "0.x"}
 AUDIT = {"format": "unpatch-audit", "version": 1, "stages": {"patched": {"forget_nll": 5.5, "forgetting_kept": 1.0},

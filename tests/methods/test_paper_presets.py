@@ -19,7 +19,7 @@ from unpatch.errors import UnpatchError
 from unpatch.recipe import load_recipe
 from unpatch.sources import Data, load_pairs
 
-PRESETS = sorted((Path(__file__).parents[1] / "recipes" / "paper").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "recipes" / "paper").glob("*.yaml"))
 
 
 def test_every_paper_setting_has_a_preset_that_validates():

@@ -19,7 +19,7 @@ from unpatch.methods.npo import NPOConfig, make_loss, npo_loss, reference_logpro
 from unpatch.recipe import load_recipe
 from unpatch.sources import load_data
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 RETAIN = ["Q: is the fox quick\nA: the fox is very quick", "Q: who sat\nA: the cat sat on the mat", "a good dog ran far"]
 
 
