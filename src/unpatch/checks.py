@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 import yaml
 
 from .errors import UnpatchError
+
+HUB_REPO = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # a Hub repo id, owner/name, as the Hub allows the characters
+HUB_ID = re.compile(rf"^{HUB_REPO}$")
 
 # |scale| beyond this is a typo (1e6 for 1e-6), never a dose: a patch scaled by 1000 already
 # moves weights by 1000x what training found; the ranges below are as generous as that

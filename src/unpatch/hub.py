@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .audit import AUDIT_FILE
-from .checks import own_file
+from .checks import HUB_REPO, own_file
 from .errors import UnpatchError
 from .patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, Patch
 from .patch.store import load_patch
@@ -28,7 +28,7 @@ SHARED = [MANIFEST, "recipe.yaml", "README.md", AUDIT_FILE, "sweep.json"]  # bes
 PLOTS = "*.png"  # top level only
 # what a pull fetches: everything a push may have sent, nothing else that sits in the repo
 PULL_PATTERNS = [MANIFEST, DELTA_FILE, LORA_FILE, LORA_CONFIG, *SHARED[1:], PLOTS]
-_HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+_HUB_REF = re.compile(rf"^(?P<repo>{HUB_REPO})(?:@(?P<rev>[\w./-]+))?$")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None] | None:

@@ -16,7 +16,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .checks import HUB_ID
+
 # `SmolLM2-135M-Instruct.Q4_1.gguf`, `model-Q4_K_M.gguf`, `x.f16.gguf` -> the model's own name
 _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d[\w]*|[BF]16|F32|f16|bf16|f32)$", re.IGNORECASE)
 
@@ -46,13 +47,13 @@ def gguf_source(path: str | Path) -> dict[str, Any]:
         v = get(key)
         if isinstance(v, str) and v:
             v = v.removeprefix("https://huggingface.co/").strip("/")
-            if _HUB_ID.match(v):
+            if HUB_ID.match(v):
                 hub_id = v
                 break
     org = get("general.organization")
     if hub_id is None and isinstance(org, str) and org:
         candidate = f"{org.replace(' ', '')}/{_QUANT_SUFFIX.sub('', Path(path).stem)}"
-        hub_id = candidate if _HUB_ID.match(candidate) else None
+        hub_id = candidate if HUB_ID.match(candidate) else None
     lic = get("general.license")
     return {"hub_id": hub_id, "license": lic if isinstance(lic, str) and lic else None, "name": get("general.name")}
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_dir
-from .checks import regular_file
+from .checks import HUB_ID, regular_file
 from .errors import UnpatchError
 from .fingerprint import file_sha256
 from .hashcache import cache_root
@@ -30,7 +29,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # tiktoken, merges .txt), the chat template (chat_template.jinja since transformers 4.47) and the
 # card (README.md: its licence goes on the cards of patches built on it)
 HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
         if not (p / "config.json").exists():
             raise UnpatchError(f"model {spec!r}: folder has no config.json, so it is not a Hugging Face model folder")
         return ModelRef(str(p.resolve()), "folder", p.resolve())
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")) and not p.exists():
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")) and not p.exists():
         return ModelRef(spec, "hub", None, revision)
     aliases = ", ".join(ALIASES)
     raise UnpatchError(f"model {spec!r}: not a local folder, .gguf file, Hub id (owner/name) or alias ({aliases})")

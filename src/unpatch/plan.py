@@ -26,11 +26,12 @@ import torch
 
 from .distributed import activation_bytes_per_token, choose_chunks
 from .errors import UnpatchError
+from .targets import choose_targets, is_conv1d, target_weights
 
 
 def lora_shape(module, weight: torch.Tensor) -> tuple[int, int]:
     """(out, in) of a target: Linear stores [out, in], GPT-2's Conv1D the transpose [in, out]."""
-    return (weight.shape[1], weight.shape[0]) if type(module).__name__ == "Conv1D" else (weight.shape[0], weight.shape[1])
+    return (weight.shape[1], weight.shape[0]) if is_conv1d(module) else (weight.shape[0], weight.shape[1])
 
 
 # passes per micro-batch: (forward+backward on the trained model, reference forwards without grad)
@@ -96,7 +97,6 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
     from .model import resolve_device, resolve_dtype
     from .recipe import load_recipe
     from .sources import load_data
-    from .targets import choose_targets, target_weights
 
     r = load_recipe(recipe_path, overrides)
     data = load_data(r)  # bad data fails here, as it would in the build

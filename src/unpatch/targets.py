@@ -33,8 +33,13 @@ class Targets:
     why: str  # one line for `--dry-run`
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D: a Linear that stores its weight transposed, [in, out] (known by name: no transformers import)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed Linear
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def model_type(model) -> str:
@@ -130,7 +135,7 @@ def wrap_lora(model, recipe, targets: list[str], where: str):
     """peft LoRA over the targets; returns (peft model, {base weight name: its tensor})."""
     from peft import LoraConfig, get_peft_model
 
-    conv1d = any(type(mod).__name__ == "Conv1D" for _, mod in model.named_modules())
+    conv1d = any(is_conv1d(mod) for _, mod in model.named_modules())
     cfg = LoraConfig(r=recipe.patch.rank, lora_alpha=recipe.patch.alpha, target_modules=targets, lora_dropout=0.0,
                      task_type="CAUSAL_LM", init_lora_weights=True, fan_in_fan_out=conv1d)
     try:

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..errors import UnpatchError
+from ..targets import is_conv1d
 
 
 def sentence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -31,7 +32,7 @@ def row_partitions(model) -> dict[str, tuple[torch.nn.Parameter, int]]:
         if isinstance(w, torch.nn.Parameter) and w.requires_grad and w.dim() == 2:
             if isinstance(mod, torch.nn.Linear):
                 found[names[id(w)]] = (w, 0)
-            elif type(mod).__name__ == "Conv1D":
+            elif is_conv1d(mod):
                 found[names[id(w)]] = (w, 1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not found or set(found) != trainable:
