@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..batches import Batches
 from ..errors import UnpatchError
 from ..registry import METHODS
+from .loop import train_loop
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -48,8 +50,6 @@ class Context:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # called after each step
 
     def batches(self, role: str = "forget"):
-        from ..batches import Batches
-
         texts = getattr(self.data, role)
         if texts is None:
             raise UnpatchError(f"{self.recipe.path}: data.{role}: required by method {self.recipe.method.name!r}")
@@ -58,6 +58,12 @@ class Context:
         seed = t.seed + ("forget", "retain", "pairs").index(role) * 7919
         return Batches.from_texts(texts, self.tokenizer, t.max_length, t.batch_size, seed, where=f"{self.recipe.path}: data.{role}")
 
+    def train(self, loss_fn, batches, desc: str):
+        """The shared loop (methods/loop.py) over `batches` with this build's checkpoints, resume,
+        settings fingerprint and step hook: every method trains through here."""
+        return train_loop(self.model, loss_fn, batches, self.recipe.train, ckpt_dir=self.ckpt_dir, resume=self.resume,
+                          fingerprint=self.fingerprint, on_step=self.on_step, desc=desc)
+
 
 @dataclass
 class MethodResult:
@@ -65,6 +71,13 @@ class MethodResult:
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, res, notes: list[str] = (), coefficient: float = 1.0) -> MethodResult:
+        """A method's result from the loop's (`res`): its steps and history, the method's notes, and
+        the loop's "stopped early" note last when it stopped before train.steps."""
+        stopped = [f"stopped early: {res.stopped}"] if res.stopped else []
+        return cls(coefficient=coefficient, steps=res.steps, history=res.history, notes=[*notes, *stopped])
 
 
 # objective(model, tokenizer, data, recipe) -> float: what the method pushes, measured on a model

@@ -11,7 +11,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import Context, MethodResult, register
-from .loop import train_loop
 
 
 class GAConfig(BaseModel):
@@ -48,7 +47,4 @@ def forget_nll(model, tokenizer, data, recipe) -> float:
 @register("ga", config=GAConfig, display="Gradient ascent", paper="https://arxiv.org/abs/2405.15152", needs=("forget",),
           objective=forget_nll, direction="up")
 def ga(ctx: Context) -> MethodResult:
-    res = train_loop(ctx.model, ga_loss, ctx.batches("forget"), ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
-                     resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="ga")
-    notes = [f"stopped early: {res.stopped}"] if res.stopped else []
-    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(ctx.train(ga_loss, ctx.batches("forget"), "ga"))

@@ -46,7 +46,6 @@ from ..batches import Batches, collate, pad_id
 from ..errors import UnpatchError
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
-from .loop import train_loop
 
 ROLE_SEED = 7919  # as Context.batches: each data role gets its own order, all fixed by the seed
 
@@ -205,7 +204,4 @@ def ga_kl(ctx: Context) -> MethodResult:
     cfg: GAKLConfig = ctx.config  # type: ignore[assignment]
     streams = Streams(ctx, cfg)
     reference = make_reference(ctx.model, ctx.recipe.patch.kind) if cfg.eps3 else None
-    res = train_loop(ctx.model, ga_kl_loss(cfg, reference), streams, ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
-                     resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="ga_kl")
-    notes = [f"stopped early: {res.stopped}"] if res.stopped else []
-    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(ctx.train(ga_kl_loss(cfg, reference), streams, "ga_kl"))

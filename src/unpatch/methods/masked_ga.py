@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..batches import Batches, collate, pad_id
 from ..errors import UnpatchError
 from . import Context, MethodResult, register
-from .loop import train_loop
 
 Span = tuple[int, int]  # [start, end) character offsets
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # words (with inner apostrophes) and single punctuation marks
@@ -268,10 +267,6 @@ def masked_ga(ctx: Context) -> MethodResult:
             loss = loss + w * down
         return loss, metrics
 
-    res = train_loop(ctx.model, loss_fn, batches, ctx.recipe.train, ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
-                     fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="masked_ga")
+    res = ctx.train(loss_fn, batches, "masked_ga")
     n_in = len(getattr(ctx.data, cfg.role))
-    notes = [f"targets: {cfg.targets}; {len(batches.items)} of {n_in} examples have target tokens"]
-    if res.stopped:
-        notes.append(f"stopped early: {res.stopped}")
-    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(res, [f"targets: {cfg.targets}; {len(batches.items)} of {n_in} examples have target tokens"])

@@ -29,7 +29,6 @@ from ..errors import UnpatchError
 from ..modes import evaluating
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
-from .loop import train_loop
 
 
 class NPOConfig(BaseModel):
@@ -102,7 +101,4 @@ def npo(ctx: Context) -> MethodResult:
                            "add retain texts or set method.alpha: 0")
     streams = Streams(ctx, cfg.alpha)
     table = reference_logprobs(ctx.model, streams.forget) if ctx.recipe.patch.kind != "lora" else None
-    res = train_loop(ctx.model, make_loss(cfg, table), streams, ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
-                     resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="npo")
-    notes = [f"stopped early: {res.stopped}"] if res.stopped else []
-    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(ctx.train(make_loss(cfg, table), streams, "npo"))

@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..batches import Batches, collate, pad_id
 from . import Context, MethodResult, register
-from .loop import train_loop
 from .pcgu_paper import DiffPairs, check_dynamic, diff_pairs, dynamic_loss, make_loss, pair_scores
 from .pcgu_rows import row_cosines, row_partitions, select_rows, sentence_logprobs
 
@@ -152,8 +151,7 @@ def pcgu(ctx: Context) -> MethodResult:
         # the other rows get exactly 0 (not while the ranking reads the full gradients: autograd.grad runs hooks too)
         hooks.append(w.register_hook(lambda grad, m=scale[n]: grad if ranking[0] else grad * m))
     try:
-        res = train_loop(ctx.model, loss_fn, pairs, t, ckpt_dir=ctx.ckpt_dir, resume=ctx.resume,
-                         fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="pcgu")
+        res = ctx.train(loss_fn, pairs, "pcgu")
     finally:
         for h in hooks:
             h.remove()
@@ -177,6 +175,4 @@ def pcgu(ctx: Context) -> MethodResult:
                  f"({100 * chosen / total:.3g} %) least similar, in {touched} matrices (update {cfg.update})"]
     if dropped:
         notes.append(f"score first_diff: {dropped} pairs without a differing token after a shared prefix were dropped")
-    if res.stopped:
-        notes.append(f"stopped early: {res.stopped}")
-    return MethodResult(coefficient=1.0, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(res, notes)

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import Context, MethodResult, register
 from .ga import forget_nll, nll
-from .loop import train_loop
 
 
 class TaskVectorConfig(BaseModel):
@@ -40,10 +39,7 @@ def finetune_loss(model, batch):
           needs=("forget",), objective=forget_nll, direction="up", example={"lam": 0.25})
 def task_vector(ctx: Context) -> MethodResult:
     cfg: TaskVectorConfig = ctx.config
-    res = train_loop(ctx.model, finetune_loss, ctx.batches("forget"), ctx.recipe.train, ckpt_dir=ctx.ckpt_dir,
-                     resume=ctx.resume, fingerprint=ctx.fingerprint, on_step=ctx.on_step, desc="task_vector fine-tune")
+    res = ctx.train(finetune_loss, ctx.batches("forget"), "task_vector fine-tune")
     notes = [f"stored tau = theta_ft - theta_base of a {res.steps}-step fine-tune on data.forget; "
              f"coefficient -{cfg.lam:g} negates it (--scale s applies -s*{cfg.lam:g}*tau)"]
-    if res.stopped:
-        notes.append(f"stopped early: {res.stopped}")
-    return MethodResult(coefficient=-cfg.lam, steps=res.steps, history=res.history, notes=notes)
+    return MethodResult.of(res, notes, coefficient=-cfg.lam)
