@@ -8,13 +8,13 @@ from typing import Any
 from .errors import UnpatchError
 from .evals.runner import Variant, evaluate, hardware, parse_metric_options, parse_metrics
 from .patch.format import Patch
-from .registry import _parameters, check_options
+from .registry import METRICS, _parameters, check_options
 
 
 def build_plan(recipe) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """(metrics, options) a build evaluates: the recipe's `eval.metrics`, else DEFAULT_METRICS.
-    Metrics named after a data role (forget_nll, retain_nll, kl_retain) read the recipe's own
-    forget / retain data by default."""
+    Metrics that declare a data role (forget_nll, forget_recall: forget; retain_nll, kl_retain:
+    retain) read the recipe's own data of that role by default."""
     names = parse_metrics(list(recipe.eval.metrics) or None)
     options = parse_metric_options([], names)
     for m, given in recipe.eval.options.items():
@@ -34,7 +34,7 @@ def build_plan(recipe) -> tuple[list[str], dict[str, dict[str, Any]]]:
             given["source"] = str(path.resolve())
         options[m].update(given)
     for m in names:
-        role = next((r for r in ("forget", "retain") if r in m), None)  # forget_nll, retain_nll, kl_retain
+        role = METRICS.get(m).data_role
         src = getattr(recipe.data, role) if role else None
         if src is not None and "source" in _parameters(m):
             path = recipe.base_dir / src.source

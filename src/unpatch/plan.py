@@ -20,31 +20,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .distributed import activation_bytes_per_token, choose_chunks
 from .errors import UnpatchError
+from .registry import METHODS
 from .targets import choose_targets, is_conv1d, target_weights
 
 
 def lora_shape(module, weight: torch.Tensor) -> tuple[int, int]:
     """(out, in) of a target: Linear stores [out, in], GPT-2's Conv1D the transpose [in, out]."""
     return (weight.shape[1], weight.shape[0]) if is_conv1d(module) else (weight.shape[0], weight.shape[1])
-
-
-# passes per micro-batch: (forward+backward on the trained model, reference forwards without grad)
-def _passes(method: str, params: dict[str, Any], kind: str) -> tuple[int, int]:
-    if method == "masked_ga":
-        return 1 + (params.get("descent_weight", 0) > 0), 0
-    if method == "pcgu":
-        return 2, 0  # more and less sentences: two rows per pair
-    if method == "npo":
-        return 1 + (params.get("alpha", 0) > 0), int(kind == "lora")
-    if method == "ga_kl":
-        return sum(params.get(k, 0) > 0 for k in ("eps1", "eps2", "eps3")), int(params.get("eps3", 0) > 0)
-    return 1, 0
 
 
 @dataclass
@@ -125,7 +112,7 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
     dt = resolve_dtype(m.dtype)
     e = torch.empty((), dtype=dt).element_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    train_passes, ref_passes = _passes(r.method.name, dict(r.method.params), p.kind)
+    train_passes, ref_passes = METHODS.get(r.method.name).passes(dict(r.method.params), p.kind)  # as the method declares
     rows = math.ceil(t.batch_size / world) * (2 if r.method.name == "pcgu" else 1)
     mem = {"weights": total * e}
     if p.kind == "lora":
@@ -133,7 +120,7 @@ def make_plan(recipe_path: str | Path, overrides=(), measure: bool = True) -> Pl
     else:
         mem |= {"gradients": e * trainable} | ({"fp32 masters + grads": 8 * trainable} if e < 4 else {})
     mem["AdamW state"] = 8 * trainable
-    if r.method.name == "ga_kl" and p.kind == "delta" and dict(r.method.params).get("eps3", 0) > 0:
+    if METHODS.get(r.method.name).frozen_reference(dict(r.method.params), p.kind):
         mem["frozen reference"] = total * e
     mem["activations"] = rows * t.max_length * activation_bytes_per_token(cfg, e)
     # per token: forward 2N, backward to the inputs 2N (through frozen weights too), weight grads 2n

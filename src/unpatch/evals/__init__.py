@@ -25,6 +25,7 @@ class Metric:
     ideal: float | None
     direction: str
     description: str
+    data_role: str | None = None  # a recipe data role (forget / retain) whose data a build scores by default
 
     def __call__(self, model, tokenizer, **options) -> dict[str, Any]:
         return self.fn(model, tokenizer, **options)
@@ -33,7 +34,8 @@ class Metric:
 _REGISTRY: dict[str, Metric] = METRICS.entries
 
 
-def register_metric(name: str, *, ideal: float | None = None, direction: str = "lower", description: str = ""):
+def register_metric(name: str, *, ideal: float | None = None, direction: str = "lower", description: str = "",
+                    data_role: str | None = None):
     """Decorator: register `fn(model, tokenizer, **options) -> dict` under `name`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"metric {name!r}: direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -44,7 +46,7 @@ def register_metric(name: str, *, ideal: float | None = None, direction: str = "
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"metric {name!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().split("\n", 1)[0]
-        _REGISTRY[name] = Metric(name, fn, ideal, direction, doc)
+        _REGISTRY[name] = Metric(name, fn, ideal, direction, doc, data_role)
         return fn
 
     return wrap

@@ -180,7 +180,7 @@ def _text_nll(name: str, default_source: str, doc: str):
     return strict_options(metric)
 
 
-forget_nll = register_metric("forget_nll", direction="higher",
+forget_nll = register_metric("forget_nll", direction="higher", data_role="forget",
                              description="mean token NLL (and perplexity) of the forget-set texts; higher = more forgotten")(
     _text_nll("forget_nll", FORGET_SOURCE, """Mean negative log-likelihood per token of the forget-set texts (nats), and its perplexity.
 
@@ -196,7 +196,7 @@ forget_nll = register_metric("forget_nll", direction="higher",
     Per-text NLL sums and token counts are recorded (`unpatch.stats`).
     """))
 
-retain_nll = register_metric("retain_nll", direction="lower",
+retain_nll = register_metric("retain_nll", direction="lower", data_role="retain",
                              description="mean token NLL (and perplexity) of retain-set texts; ideal = the base's (unchanged)")(
     _text_nll("retain_nll", RETAIN_SOURCE, """Mean negative log-likelihood per token of retain-set texts (nats), and its perplexity: the
     same computation as forget_nll (lm-evaluation-harness's empty-context rule, token-weighted as

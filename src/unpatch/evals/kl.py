@@ -60,7 +60,7 @@ def reference_logprobs(reference, tokenizer, source: str = RETAIN_SOURCE, column
     return ReferenceLogprobs(seqs, ids, lps, top_k)
 
 
-@register_metric("kl_retain", ideal=0.0, direction="lower",
+@register_metric("kl_retain", ideal=0.0, direction="lower", data_role="retain",
                  description="mean per-token KL(base || patched) on retain texts; 0 = the retain behaviour is untouched")
 @strict_options
 def kl_retain(model, tokenizer, reference=None, reference_logprobs: ReferenceLogprobs | None = None,

@@ -15,7 +15,7 @@ SPLITS = ("learned", "unseen", "control")
 BOOTSTRAP = 1000  # resamples of the passages for the 95 % intervals (fixed seed 0)
 
 
-@register_metric("forget_recall", direction="lower",
+@register_metric("forget_recall", direction="lower", data_role="forget",
                  description="ROUGE-L / BLEU / exact match of greedy continuations of learned, unseen and control passages")
 @strict_options
 def forget_recall(model, tokenizer, source: str = "builtin:xsum", column: str | None = None, limit: int | None = None,

@@ -82,6 +82,10 @@ class MethodResult:
 
 # objective(model, tokenizer, data, recipe) -> float: what the method pushes, measured on a model
 Objective = Callable[[Any, Any, "Data", "Recipe"], float]
+# passes(method params, patch kind) -> (forward+backward passes on the trained model per micro-batch,
+# forwards of a frozen reference without grad): declared by each method, read by `build --dry-run`
+Passes = Callable[[dict[str, Any], str], tuple[int, int]]
+Needs = Callable[[dict[str, Any], str], bool]  # (method params, patch kind) -> does the method need it
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class MethodSpec:
     objective: Objective | None = None  # the registry-driven tests check it moves `direction`
     direction: str = "up"  # up | down
     example: dict[str, Any] = field(default_factory=dict)  # method params for a tiny test build
+    passes: Passes = lambda params, kind: (1, 0)  # what the dry run's memory and time estimates count
+    frozen_reference: Needs = lambda params, kind: False  # keeps a frozen copy of the base weights in memory
 
 
 _REGISTRY: dict[str, MethodSpec] = METHODS.entries
@@ -103,12 +109,13 @@ _REGISTRY: dict[str, MethodSpec] = METHODS.entries
 
 def register(name: str, config: type[BaseModel] = NoParams, display: str | None = None, paper: str | None = None,
              needs: tuple[str, ...] = ("forget",), kinds: tuple[str, ...] = ("lora", "delta"),
-             objective: Objective | None = None, direction: str = "up", example: dict[str, Any] | None = None):
+             objective: Objective | None = None, direction: str = "up", example: dict[str, Any] | None = None,
+             passes: Passes = lambda params, kind: (1, 0), frozen_reference: Needs = lambda params, kind: False):
     def deco(fn: Callable[[Context], MethodResult]):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"method {name!r} registered twice")
         _REGISTRY[name] = MethodSpec(name, fn, config, display or name, paper, tuple(needs), tuple(kinds),
-                                     objective, direction, dict(example or {}))
+                                     objective, direction, dict(example or {}), passes, frozen_reference)
         return fn
 
     return deco

@@ -199,7 +199,9 @@ def ga_kl_loss(cfg: GAKLConfig, reference: Reference | None):
 
 @register("ga_kl", config=GAKLConfig, display="Gradient ascent + random answers + KL (Yao et al.)",
           paper="https://arxiv.org/abs/2405.15152", needs=("forget", "retain"),
-          objective=forget_nll, direction="up", example={"eps1": 0.5, "eps2": 1.0, "eps3": 1.0})
+          objective=forget_nll, direction="up", example={"eps1": 0.5, "eps2": 1.0, "eps3": 1.0},
+          passes=lambda params, kind: (sum(params.get(k, 0) > 0 for k in ("eps1", "eps2", "eps3")), int(params.get("eps3", 0) > 0)),
+          frozen_reference=lambda params, kind: kind == "delta" and params.get("eps3", 0) > 0)  # the KL term's base (make_reference)
 def ga_kl(ctx: Context) -> MethodResult:
     cfg: GAKLConfig = ctx.config  # type: ignore[assignment]
     streams = Streams(ctx, cfg)

@@ -251,7 +251,8 @@ def target_nll(model, tokenizer, data, recipe) -> float:
 
 @register("masked_ga", config=MaskedGAConfig, display="Masked-token gradient ascent (MLM unlearning)",
           paper="https://arxiv.org/abs/2407.16951", needs=(), objective=target_nll, direction="up",
-          example={"targets": "pairs", "descent_weight": 0.5})
+          example={"targets": "pairs", "descent_weight": 0.5},
+          passes=lambda params, kind: (1 + (params.get("descent_weight", 0) > 0), 0))
 def masked_ga(ctx: Context) -> MethodResult:
     cfg: MaskedGAConfig = ctx.config  # type: ignore[assignment]
     batches = _batches(cfg, ctx.data, ctx.tokenizer, ctx.recipe, str(ctx.recipe.path))

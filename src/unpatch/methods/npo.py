@@ -93,7 +93,8 @@ def make_loss(cfg: NPOConfig, ref_table: torch.Tensor | None):
 
 
 @register("npo", config=NPOConfig, display="Negative preference optimization", paper="https://arxiv.org/abs/2404.05868",
-          needs=("forget",), objective=forget_nll, direction="up", example={"beta": 0.1, "alpha": 1.0})
+          needs=("forget",), objective=forget_nll, direction="up", example={"beta": 0.1, "alpha": 1.0},
+          passes=lambda params, kind: (1 + (params.get("alpha", 0) > 0), int(kind == "lora")))
 def npo(ctx: Context) -> MethodResult:
     cfg: NPOConfig = ctx.config  # type: ignore[assignment]
     if cfg.alpha and ctx.data.retain is None:

@@ -118,7 +118,8 @@ def mean_gap(model, tokenizer, data, recipe) -> float:
 
 @register("pcgu", config=PCGUConfig, display="Partitioned contrastive gradient unlearning",
           paper="https://aclanthology.org/2023.findings-acl.375", needs=("pairs",), kinds=("delta",),
-          objective=mean_gap, direction="down", example={"k_percent": 50})
+          objective=mean_gap, direction="down", example={"k_percent": 50},
+          passes=lambda params, kind: (2, 0))  # more and less sentences: two rows per pair
 def pcgu(ctx: Context) -> MethodResult:
     cfg: PCGUConfig = ctx.config
     t = ctx.recipe.train
