@@ -126,10 +126,11 @@ def bench_trainer(work: Path, steps: int) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from unpatch.batches import collate, encode
-    from unpatch.builder import build, default_targets
+    from unpatch.builder import build
     from unpatch.model import load_model
     from unpatch.recipe import load_recipe
     from unpatch.sources import load_data
+    from unpatch.targets import default_targets
 
     recipe = load_recipe(RECIPE, [f"train.steps={steps}"])
     t = recipe.train

@@ -13,10 +13,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.batches import Batches
-from unpatch.builder import build, default_targets, target_weights
+from unpatch.builder import build
 from unpatch.errors import UnpatchError
 from unpatch.fingerprint import combine, tensor_sha256
 from unpatch.patch.store import load_patch
+from unpatch.targets import default_targets, target_weights
 
 
 def recipe(tmp: Path, models_dir: Path, arch: str = "llama", name: str = "r.yaml", **sections) -> Path:

@@ -33,7 +33,7 @@ from .patch.format import BaseRef, Manifest, Patch, library_versions, lora_confi
 from .patch.store import load_patch, save_patch
 from .recipe import Recipe, as_recipe
 from .sources import Data, load_data
-from .targets import choose_targets, default_targets, target_weights, wrap_lora  # noqa: F401 (default_targets: re-exported)
+from .targets import choose_targets, target_weights, wrap_lora
 
 
 def build(recipe_path: str | Path | Recipe | dict, out: str | Path | None = None, overwrite: bool = False, overrides: Sequence[str] = (),

@@ -15,7 +15,7 @@ from conftest import METHOD_PAIRS as PAIRS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unpatch.batches import Batches
-from unpatch.builder import build, default_targets, target_weights
+from unpatch.builder import build
 from unpatch.errors import UnpatchError
 from unpatch.methods.loop import train_loop
 from unpatch.methods.pcgu import PairBatches, mean_gap, rank_rows
@@ -24,6 +24,7 @@ from unpatch.methods.task_vector import finetune_loss
 from unpatch.patch.apply import Applied
 from unpatch.recipe import load_recipe
 from unpatch.sources import load_data
+from unpatch.targets import default_targets, target_weights
 
 
 def write_recipe(tmp: Path, models_dir: Path, method: dict, arch: str = "llama", kind: str = "delta", **train) -> Path:
