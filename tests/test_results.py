@@ -1,4 +1,4 @@
-"""`make results-quick` end to end (bench/results.py --quick on gender.yaml + smoke.yaml): RESULTS.md is written,
+"""`make results-quick` end to end (bench/results.py --quick on gender, smoke, copyright and the paper presets): RESULTS.md is written,
 its markdown tables parse, and their numbers agree with results.json. Real SmolLM2-135M, ~2-3 min."""
 
 from __future__ import annotations
