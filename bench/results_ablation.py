@@ -286,8 +286,8 @@ def forgetting(s, work: Path, model, tok, applied, variants) -> dict:
     the recipes' `limit`s, as the study's forgetting section), paired bootstrap p vs base."""
     from results_measure import build_recipe, patched, summary
 
-    from unpatch.sources import load_texts
     from unpatch.recipe import load_recipe
+    from unpatch.sources import load_texts
 
     name, spec = next(iter(FORGET.items()))
     rec = load_recipe(PAPER / f"{name}.yaml")

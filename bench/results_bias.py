@@ -18,9 +18,9 @@ from pathlib import Path
 
 import results_measure as rm
 
-from unpatch.sources import load_texts
 from unpatch.lexicon import lexicon_words
 from unpatch.recipe import load_recipe
+from unpatch.sources import load_texts
 
 TO_CROWS = {"gender": "gender", "race": "race-color", "religion": "religion"}
 NEUTRAL_SOURCE = "builtin:xsum"  # BBC news: read by no bias recipe and by no bias metric (WikiText is the ppl text)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from results_measure import ALPHA, fmt_ci, fmt_p, table
 
-from unpatch.sources import load_texts
 from unpatch.evals.runner import Variant, evaluate
+from unpatch.sources import load_texts
 
 METRICS = ["harmful_rate", "forget_nll", "retain_nll", "kl_retain"]
 SELECT = ["harmful_rate", "retain_nll"]  # what the dev choice reads
