@@ -167,7 +167,7 @@ def overrides(s, book: Path, control: Path | None) -> list[str]:
 def _build(s, work: Path, book: Path, control: Path | None):
     from unpatch.builder import build
     from unpatch.learn import learn_out
-    from unpatch.patch import load_patch
+    from unpatch.patch.store import load_patch
     from unpatch.recipe import load_recipe
 
     sets = overrides(s, book, control)
