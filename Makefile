@@ -34,7 +34,7 @@ gender:
 
 # torch threads for the study; 1 is far faster when other jobs share the CPU (same threads -> same bits)
 RESULTS_THREADS ?= 2
-results:  ## the measured study: builds every recipe, evaluates, writes docs/RESULTS.md + plots (52 min on 2 idle cores)
+results:  ## the measured study (dev/test splits, 3 seeds, intervals): builds every recipe, evaluates, writes docs/RESULTS.md + plots
 	$(BIN)/python bench/results.py --out docs --threads $(RESULTS_THREADS)
 	$(BIN)/python bench/results_check.py docs
 

@@ -12,6 +12,9 @@ the issue-14 target: the forget patch removes >= 80 % of the learn stage's ROUGE
 passages, while the control book's ROUGE-L stays inside the base's 95 % interval and retain
 perplexity moves by at most --max-retain-change (default 5 %; retain_nll reports no interval).
 Extra `--set key=value` pass through to the recipe (e.g. --set train.steps=20).
+NOT the study's measurement: this reports the build's own evaluation on ALL learned passages, so it
+cannot choose a coefficient (choosing here would tune on the reported passages). The numbers quoted in
+docs/RESULTS.md come from bench/results_learnforget.py (dev / test split, paired tests), run by make results.
 """
 
 from __future__ import annotations

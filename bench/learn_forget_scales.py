@@ -5,6 +5,8 @@
 Loads SmolLM2-135M once, applies `<patch>-learn`, then the forget patch at each scale (reverted bit
 for bit in between; scale 0 = the learned model) and prints ROUGE-L of 8 learned passages (with its
 95 % bootstrap interval), of 8 control passages, and retain perplexity on 30 XSum articles.
+Exploration only: it reads the learned passages it reports, so do not pick a coefficient from it; the
+study's dev-only choice (and its test numbers) is bench/results_learnforget.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main() -> None:
     ap.add_argument("patch", type=Path)
     ap.add_argument("--book", required=True)
     ap.add_argument("--control", required=True)
-    ap.add_argument("--learned", type=int, default=16, help="the recipe's data.forget.limit")
+    ap.add_argument("--learned", type=int, default=24, help="the recipe's data.forget.limit")
     ap.add_argument("--chunk-words", type=int, default=48)
     ap.add_argument("--scales", default="0,1,2,3,4")
     a = ap.parse_args()

@@ -51,23 +51,24 @@ def check_report(out: Path) -> None:
     need(len(tables) >= 6, f"only {len(tables)} tables")
     if data["mode"] == "quick":
         need("QUICK MODE" in md and "not run" in md, "quick mode does not say what it skipped")
-    head, rows = table_after(md, "### 1a.")
-    need(head[:4] == ["recipe", "method", "scale", "all"] and rows[0][0] == "base", "1a: unexpected header")
-    need(abs(float(rows[0][3]) - data["base"]["crows"]["all"]) <= 0.005, "1a: base CrowS differs from results.json")
-    for r in rows:
-        need(all(NUMBER.match(c) for c in r[3:]), f"1a: not a number in {r}")
-    head, rows = table_after(md, "### 1b.")
-    need(head[1:5] == ["scale", "SS", "LMS", "ICAT"], "1b: unexpected header")
-    need(abs(float(rows[0][5]) - data["base"]["ppl"]) <= 0.0005, "1b: base perplexity differs from results.json")
-    head, rows = table_after(md, "### 1c.")
-    need({r[0] for r in rows} == set(data["bias"]), "1c: recipes differ from results.json")
+    need("## Protocol" in md and "DEV only" in md and "Seeds:" in md, "the split / selection / seeds protocol is not stated")
+    bias = data["bias"]["recipes"]
+    if bias:
+        head, rows = table_after(md, "### 1a.")
+        need(head[:5] == ["recipe", "method", "target", "scale (dev)", "base pct"], "1a: unexpected header")
+        for r in rows:
+            b = bias[r[0]]
+            need(abs(float(r[4]) - b["seeds"][0]["pct"]["base"]) <= 0.005, f"1a: {r[0]}'s base pct differs from results.json")
+            need(re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", r[5]) is not None, f"1a: {r[0]} has no interval: {r[5]!r}")
+        head, rows = table_after(md, "### 1c.")
+        need({r[0] for r in rows} == set(bias), "1c: recipes differ from results.json")
+        need((out / "method_comparison.png").stat().st_size > 1000 or not any(b["focus"] == "gender" for b in bias.values()),
+             "method_comparison.png missing or empty")
     head, rows = table_after(md, "## 0. Targets")
     need(bool(rows) and all(r[2] in ("reached", "NOT reached") for r in rows), "0: a verdict is neither reached nor NOT reached")
-    if "toxicity" in data["forgetting"]:
+    if data["forgetting"]:
         head, rows = table_after(md, "### 4a.")
         need(rows[0][0] == "base" and 0 <= float(rows[0][1]) <= 1, "4a: base harmful rate is not a fraction")
-    if data["bias"]:
-        need((out / "method_comparison.png").stat().st_size > 1000, "method_comparison.png missing or empty")
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""`make results-quick` end to end (bench/results.py --quick on gender.yaml + smoke.yaml): RESULTS.md is written,
+"""`make results-quick` end to end (bench/results.py --quick on gender, smoke, copyright and the paper presets): RESULTS.md is written,
 its markdown tables parse, and their numbers agree with results.json. Real SmolLM2-135M, ~2-3 min."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_results_quick(tmp_path, data):
     if data == "shared" and not (DATA / "crows_pairs" / "crows_pairs_anonymized.csv").exists():
         pytest.skip("needs ../shared/data (benchmark files)")
     env = {**os.environ, "UNPATCH_BENCH_DATA": str(tmp_path / "no-data")} if data == "builtin" else None
-    cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--quick", "--recipes", "gender,smoke", "--scales", "1", "--threads", "1",
+    cmd = [sys.executable, str(ROOT / "bench" / "results.py"), "--quick", "--recipes", "gender,smoke,copyright,paper", "--scales", "1", "--threads", "1",
            "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
