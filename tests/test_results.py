@@ -60,17 +60,20 @@ def test_committed_results_are_the_scripts_output(tmp_path):
     md = (docs / "RESULTS.md").read_text(encoding="utf-8")
     assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == md
     head, rows = table_after(md, "## 0. Targets")
-    assert len(rows) == 2 and all(v in ("reached", "NOT reached") for v in (r[2] for r in rows))
+    assert len(rows) == 3 and all(v in ("reached", "NOT reached") for v in (r[2] for r in rows))
     assert len(parse_tables(md)) >= 9 and "QUICK MODE" not in md
     check_report(docs)
 
 
 def test_report_check_names_the_failed_check(tmp_path):
     docs = ROOT / "docs"
-    (tmp_path / "results.json").write_bytes((docs / "results.json").read_bytes())
+    for name in ("results.json", "method_comparison.png", "transfer.png"):
+        (tmp_path / name).write_bytes((docs / name).read_bytes())
     md = (docs / "RESULTS.md").read_text(encoding="utf-8")
-    (tmp_path / "RESULTS.md").write_text(md.replace("| base | - | - | 55.57 |", "| base | - | - | 55.75 |"), encoding="utf-8")
-    with pytest.raises(ReportError, match="1a: base CrowS differs"):
+    row = "| gender | masked_ga | gender | 0.5 | 59.54 |"
+    assert row in md
+    (tmp_path / "RESULTS.md").write_text(md.replace(row, row.replace("59.54", "59.45")), encoding="utf-8")
+    with pytest.raises(ReportError, match="1a: gender's base pct differs"):
         check_report(tmp_path)
     (tmp_path / "RESULTS.md").write_text(md.replace("|---|---|---|\n| best", "|---|---|\n| best"), encoding="utf-8")
     with pytest.raises(ReportError, match="ragged table"):
