@@ -100,7 +100,9 @@ def test_gender_lora_same_logits_through_peft_and_unpatch_apply(tmp_path):
     ids = tok(["The nurse said that she would be late.", "My neighbour is a mechanic."], return_tensors="pt", padding=True)
     with torch.inference_mode():
         a, b = ours(**ids).logits, peft_model(**ids).logits
-    assert (a - b).abs().max().item() < 1e-4  # unmerged LoRA: same function, other rounding
+    # unmerged LoRA: same function, other rounding (float32, logits ~20: ~1e-5 relative); a wrong
+    # scaling or target would be off by > 1e-2
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     merged = peft_model.merge_and_unload()
     mine = dict(ours.named_parameters())
     assert all(torch.equal(p.data, mine[n].data) for n, p in merged.named_parameters())
