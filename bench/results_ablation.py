@@ -181,8 +181,8 @@ def ablation_part(s, work, model, tok, applied, base, variants) -> dict:
     from results_measure import base_crows, build_recipe, dev_sweep
 
     t_start, work = time.perf_counter(), Path(work) / "ablation"
-    # presets: 9 builds already take most of the 15 min, so the dev sweep is cut to PRESET_SCALES (s.ablation_scales
-    # = s.scales restores the study's); quick mode: 1 preset at 1 scale, no forgetting (<= 15 s cannot hold 4 builds)
+    # presets: PRESET_SEEDS builds at PRESET_SCALES, both cut for time (s.ablation_scales = s.scales and
+    # PRESET_SEEDS = None restore the study's); quick mode: 1 preset at 1 scale, no forgetting
     scales = [1.0] if s.quick else list(getattr(s, "ablation_scales", None) or PRESET_SCALES)
     ss = copy.copy(s)
     ss.scales = list(scales)
