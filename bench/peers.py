@@ -5,9 +5,9 @@
 Prints `name: value` lines (`#` lines are context).
 apply_out_time_ratio_vs_mergekit   wall time of `unpatch apply PATCH --scale -1 --out A` over `mergekit-yaml`
     task_arithmetic (base + (-1) x (ft - base), `normalize: false`, float32) writing B, both as CLI
-    subprocesses (imports and writes included), on the same two checkpoints: the SmolLM2-135M base
-    folder and ft = base + a seeded random dense delta on every 2-D weight (written by `apply --out`;
-    PATCH is that delta). apply_out_max_abs_diff_vs_mergekit: max |A - B| over every tensor.
+    subprocesses (imports and writes included; best of 3 alternating runs each, after an os.sync()),
+    on the same two checkpoints: the SmolLM2-135M base folder and ft = base + a seeded random dense
+    delta on every 2-D weight (written by `apply --out`; PATCH is that delta). apply_out_max_abs_diff_vs_mergekit: max |A - B| over every tensor.
     mergekit is not a dependency: it is imported from --mergekit-site (default
     ~/.cache/unpatch-bench/mergekit-site; installed there with `pip install --no-deps --target` if
     missing and PyPI answers), never into the venv. If it cannot be had, `mergekit_status: unavailable`.
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 RECIPE = ROOT / "recipes" / "task-vector-bias.yaml"
 SITE = Path.home() / ".cache" / "unpatch-bench" / "mergekit-site"
+REPEATS = 3
 MERGEKIT = ["mergekit==0.1.5", "immutables==0.21"]  # the venv already has the rest (checked with pip --dry-run)
 
 
@@ -78,24 +79,35 @@ def bench_mergekit(work: Path, site: Path) -> None:
                         fingerprint=combine(hashes)), versions=library_versions())
     del model, params
     patch = save_patch(Patch(manifest, tensors, encodings={n: "dense" for n in tensors}), work / "delta", overwrite=True)
-    apply_to_folder(MODEL, [(patch, 1.0)], work / "ft")  # the "fine-tuned" checkpoint
+    apply_to_folder(MODEL, [(patch, 1.0)], work / "ft", overwrite=True)  # the "fine-tuned" checkpoint
     cfg = work / "task_arithmetic.yaml"
     cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base_dir}\nmodels:\n  - model: {work / 'ft'}\n"
                    "    parameters:\n      weight: -1.0\nparameters:\n  normalize: false\ndtype: float32\n", encoding="utf-8")
-    ours = [sys.executable, "-m", "unpatch", "apply", str(work / "delta"), "--scale", "-1", "--out", str(work / "ours"), "--overwrite"]
+    ours = [sys.executable, "-m", "unpatch", "apply", str(work / "delta"), "--scale", "-1", "--out", str(work / "ours")]
     theirs = [sys.executable, str(site / "bin" / "mergekit-yaml"), str(cfg), str(work / "theirs")]
-    times, cpu = {}, {}
-    for name, cmd, e in (("ours", ours, None), ("mergekit", theirs, env)):
-        before = os.times()
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=work, env=e, capture_output=True, text=True)
-        times[name] = time.perf_counter() - t0
-        after = os.times()
-        cpu[name] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-        if r.returncode != 0:
-            print(f"# {name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            print("mergekit_status: failed")
-            return
+    # alternating runs, best of REPEATS per tool; os.sync() first, so neither run pays for the
+    # other's dirty pages being written back (the kernel throttles a writer while it flushes)
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "mergekit": []}
+    for _ in range(REPEATS):
+        for name, cmd, e in (("ours", ours, None), ("mergekit", theirs, env)):
+            shutil.rmtree(work / {"ours": "ours", "mergekit": "theirs"}[name], ignore_errors=True)
+            os.sync()
+            before = os.times()
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, cwd=work, env=e, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            after = os.times()
+            runs[name].append((wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)))
+            if r.returncode != 0:
+                print(f"# {name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                print("mergekit_status: failed")
+                return
+    times = {k: min(w for w, _ in v) for k, v in runs.items()}
+    cpu = {k: min(c for _, c in v) for k, v in runs.items()}
+    for k, v in runs.items():
+        print(f"# {k} wall seconds per run: {', '.join(f'{w:.2f}' for w, _ in v)}")
+    print(f"# ours' first run is the patch's first use: its payload hash and finiteness check are not cached yet "
+          f"(ratio {runs['ours'][0][0] / runs['mergekit'][0][0]:.3f} on the first runs)")
     a, b = read_all(work / "ours", safe_open), read_all(work / "theirs", safe_open)
     common = sorted(a.keys() & b.keys())
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in common)

@@ -31,11 +31,10 @@ from .atomic import atomic_write_text
 from .batches import Batches
 from .errors import UnpatchError
 from .patch.apply import Applied
-from .patch.format import Patch, now
+from .patch.format import AUDIT_FILE, Patch, now
 from .quantise import quantise_auto_
 from .sources import load_texts
 
-AUDIT_FILE = "audit.json"
 DEFAULT_RETAIN = "builtin:wikitext-tiny"  # normal prose, when neither --retain nor the recipe names retain data
 
 

@@ -8,13 +8,13 @@ A tensor's hash covers its dtype, shape and raw little-endian bytes (C order). T
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from .errors import UnpatchError
-from .safetensors_io import DTYPE_NAMES
+from .safetensors_io import code_of
 
 HASHES = ("sha256", "blake3")
 try:
@@ -35,12 +35,18 @@ def hasher(algo: str = "sha256"):
     raise UnpatchError(f"hash algorithm {algo!r}: unknown; this unpatch knows {', '.join(HASHES)}")
 
 
-def header(dtype: torch.dtype, shape) -> bytes:
-    """What a tensor hash covers before the bytes: dtype name and shape."""
-    return f"{DTYPE_NAMES[dtype]}{list(shape)}".encode()
+def header(dtype, shape) -> bytes:
+    """What a tensor hash covers before the bytes: the dtype's safetensors code and the shape."""
+    return f"{code_of(dtype)}{list(shape)}".encode()
 
 
-def buffer_hash(dtype: torch.dtype, shape, data, algo: str = "sha256") -> str:
+def threads() -> int:
+    """Hashing threads: torch's setting where torch is loaded (a user's --threads), else the cores."""
+    torch = sys.modules.get("torch")
+    return min(8, torch.get_num_threads() if torch is not None else (os.cpu_count() or 1))
+
+
+def buffer_hash(dtype, shape, data, algo: str = "sha256") -> str:
     """Hash of a tensor given as dtype, shape and its raw bytes (e.g. a slice of an mmapped file)."""
     h = hasher(algo)
     h.update(header(dtype, shape))
@@ -48,21 +54,23 @@ def buffer_hash(dtype: torch.dtype, shape, data, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def tensor_hash(t: torch.Tensor, algo: str = "sha256") -> str:
-    """Hash of dtype, shape and the raw little-endian bytes (C order) of one tensor."""
+def tensor_hash(t, algo: str = "sha256") -> str:
+    """Hash of dtype, shape and the raw little-endian bytes (C order) of one torch tensor."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     return buffer_hash(t.dtype, t.shape, memoryview(t.reshape(-1).view(torch.uint8).numpy()), algo)
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t) -> str:
     return tensor_hash(t, "sha256")
 
 
-def tensor_hashes(tensors: Mapping[str, torch.Tensor], algo: str = "sha256") -> dict[str, str]:
+def tensor_hashes(tensors: Mapping, algo: str = "sha256") -> dict[str, str]:
     """Hashes of many tensors on all cores: hashlib and blake3 release the GIL on large buffers."""
     if not tensors:
         return {}
-    with ThreadPoolExecutor(max_workers=min(8, torch.get_num_threads())) as pool:
+    with ThreadPoolExecutor(max_workers=threads()) as pool:
         return dict(zip(tensors, pool.map(lambda t: tensor_hash(t, algo), tensors.values()), strict=True))
 
 

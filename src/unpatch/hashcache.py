@@ -21,9 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from .fingerprint import hasher, header
+from .fingerprint import hasher, header, threads
 from .safetensors_io import SafetensorsFile
 
 RACY_SECONDS = 2.0
@@ -176,5 +174,5 @@ def _hash_tensors(st: SafetensorsFile, names: list[str], algo: str) -> dict[str,
         _feed(h, str(st.path), st.data_start + begin, end - begin)
         return h.hexdigest()
 
-    with ThreadPoolExecutor(max_workers=min(8, torch.get_num_threads())) as pool:
+    with ThreadPoolExecutor(max_workers=threads()) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))

@@ -17,10 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .audit import AUDIT_FILE
 from .checks import HUB_REPO, own_file
 from .errors import UnpatchError
-from .patch.format import DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, Patch
+from .patch.format import AUDIT_FILE, DELTA_FILE, LORA_CONFIG, LORA_FILE, MANIFEST, Patch
 from .patch.store import load_patch
 
 # audit.json (`unpatch audit`) and sweep.json (`unpatch sweep`) hold numbers and source names only, no texts

@@ -143,7 +143,7 @@ def _from_checkpoint(src: Path, base, label: str, coefficient: float, force: boo
 
 def _check_fit(patch: Patch, base, label: str, src: Path) -> None:
     """Every tensor the payload changes exists in the base with the right shape (one line otherwise)."""
-    from .patch.apply import check_shapes
+    from .patch.checks import check_shapes
 
     try:
         check_shapes(patch, base.shapes, label)

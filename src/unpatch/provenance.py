@@ -119,8 +119,8 @@ def record(model: torch.nn.Module, files: list[SafetensorsFile], keys: list[list
 
 
 def _probe_equal(st: SafetensorsFile, name: str, p: torch.Tensor) -> bool:
-    dtype, _, begin, end = st.entries[name]
-    n, size = p.numel(), dtype.itemsize
+    _, _, begin, end = st.entries[name]
+    n, size = p.numel(), p.element_size()  # record() checked that the dtypes agree
     flat = p.detach().reshape(-1)
     k = min(_PROBE, n)
     with open(st.path, "rb", buffering=0) as f:

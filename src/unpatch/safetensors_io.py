@@ -4,6 +4,9 @@ The `safetensors` library reads through mmap (touched pages stay resident while 
 open) and writes only whole dicts. Streaming a merged model tensor by tensor, as mergekit's lazy
 mode does, needs both ends bounded by one tensor, so this module reads with `pread` and writes
 the (simple, documented) format itself: u64 header length, JSON header, raw little-endian data.
+Dtypes are the format's own codes ("F32", "BF16", ...): nothing here imports torch, so streaming
+work (`apply --out` of a delta) can run on numpy arrays and skip torch's multi-second import.
+Tensors are read as torch tensors (`read`) or numpy arrays (`read_array`, where numpy has the dtype).
 """
 
 from __future__ import annotations
@@ -15,19 +18,37 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from .checks import regular_file
 from .errors import UnpatchError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# numpy has no bfloat16 or float8: tensors of those dtypes are read through torch only
+NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+# the model / manifest dtype names (model.DTYPE_ALIASES) as codes
+CODE_OF = {"float64": "F64", "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
 _MAX_HEADER = 100_000_000
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, _TORCH[code])
+
+
+def code_of(dtype) -> str:
+    """The safetensors code of a torch dtype, or of a name such as "float32"."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name in ITEMSIZE:
+        return name
+    if name in CODE_OF:
+        return CODE_OF[name]
+    for c, n in _TORCH.items():
+        if n == name:
+            return c
+    raise UnpatchError(f"dtype {name!r}: unknown; use one of {', '.join(CODE_OF)}")
 
 
 class SafetensorsFile:
@@ -55,27 +76,33 @@ class SafetensorsFile:
             raise UnpatchError(f"{bad} (its header is not a JSON object); re-download or rebuild it")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> (dtype code, shape, begin, end)
         for name, e in header.items():
             try:
-                dtype, shape = DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])
+                code, shape = e["dtype"], tuple(int(s) for s in e["shape"])
+                itemsize = ITEMSIZE[code]
                 begin, end = (int(x) for x in e["data_offsets"])
             except (KeyError, TypeError, ValueError) as err:
                 raise UnpatchError(f"{bad} (bad entry for tensor {name!r}); re-download or rebuild it") from err
             if any(d < 0 for d in shape):  # [-1, -4] has a positive size but no tensor can take it
                 raise UnpatchError(f"{bad} (tensor {name!r} has negative shape {list(shape)}); re-download or rebuild it")
-            nbytes = math.prod(shape) * dtype.itemsize
+            nbytes = math.prod(shape) * itemsize
             if end - begin != nbytes or begin < 0:
                 raise UnpatchError(f"{bad} (tensor {name!r} has {end - begin} bytes, its shape needs {nbytes})")
             if self.data_start + end > size:
                 raise UnpatchError(f"{bad} (tensor {name!r} runs past the end: the file is truncated); re-download or rebuild it")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = (code, shape, begin, end)
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def dtype(self, name: str) -> torch.dtype:
+    def code(self, name: str) -> str:
+        """The dtype as the file names it ("F32", "BF16", ...)."""
         return self.entries[name][0]
+
+    def dtype(self, name: str):
+        """The torch dtype (imports torch)."""
+        return torch_dtype(self.entries[name][0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
@@ -84,30 +111,57 @@ class SafetensorsFile:
         _, _, begin, end = self.entries[name]
         return end - begin
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory."""
-        dtype, shape, begin, end = self.entries[name]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+    def read_into(self, name: str, buf) -> None:
+        """Read one tensor's raw bytes into `buf` (a writable buffer of exactly its size)."""
+        _, _, begin, end = self.entries[name]
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
-            got = f.readinto(memoryview(buf.numpy()))
+            got = f.readinto(buf) if end > begin else 0
         if got != end - begin:
             raise UnpatchError(f"{self.path}: tensor {name!r} is truncated; re-download or rebuild it")
-        return buf.view(dtype).reshape(shape)
+
+    def read(self, name: str):
+        """Read one tensor into fresh memory, as a torch tensor."""
+        import torch
+
+        code, shape, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self.read_into(name, memoryview(buf.numpy()))
+        return buf.view(torch_dtype(code)).reshape(shape)
+
+    def read_array(self, name: str):
+        """Read one tensor into fresh memory, as a numpy array (dtypes numpy has: see NUMPY)."""
+        import numpy as np
+
+        code, shape, begin, end = self.entries[name]
+        buf = np.empty(end - begin, dtype=np.uint8)
+        self.read_into(name, memoryview(buf))
+        return buf.view(NUMPY[code]).reshape(shape)
+
+
+def _raw(t) -> memoryview:
+    """The C-order bytes of a torch tensor or numpy array."""
+    import numpy as np
+
+    if hasattr(t, "detach"):  # torch: a CPU tensor's numpy view shares its memory
+        t = t.detach().cpu().contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
 def write_streaming(
     path: str | Path,
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    specs: dict[str, tuple[str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, object]],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write tensors in the order of `specs`, holding only the one being written."""
+    """Write tensors (torch or numpy) in the order of `specs` (name -> (dtype code or torch dtype,
+    shape)), holding only the one being written."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, (dtype, shape) in specs.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    specs = {n: (code_of(d), tuple(shape)) for n, (d, shape) in specs.items()}
+    for name, (code, shape) in specs.items():
+        nbytes = math.prod(shape) * ITEMSIZE[code]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns data to 8 bytes
@@ -115,9 +169,16 @@ def write_streaming(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, t in tensors:
-            want, (dtype, shape) = next(order)
-            if name != want or t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"write_streaming: got {name} {t.dtype} {tuple(t.shape)}, expected {want} {dtype} {shape}")
-            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            want, (code, shape) = next(order)
+            raw = _raw(t)
+            if name != want or tuple(t.shape) != shape or raw.nbytes != math.prod(shape) * ITEMSIZE[code] or _code(t) != code:
+                raise ValueError(f"write_streaming: got {name} {t.dtype} {tuple(t.shape)}, expected {want} {code} {shape}")
+            f.write(raw)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _code(t) -> str:
+    if hasattr(t, "detach"):
+        return code_of(t.dtype)
+    return next(c for c, n in NUMPY.items() if t.dtype == n)

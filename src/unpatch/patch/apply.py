@@ -18,8 +18,9 @@ import torch
 
 from .. import checks, provenance
 from ..errors import UnpatchError
-from ..fingerprint import combine, tensor_hashes
+from ..fingerprint import tensor_hashes
 from ..provenance import Origin
+from .checks import check_fingerprint, check_shapes
 from .format import Patch
 from .reuse import Buffers
 
@@ -31,60 +32,17 @@ class Entry:
     forced: bool
 
 
-def check_fingerprint(patch: Patch, actual: dict[str, str], model_label: str, force: bool) -> bool:
-    """Refuse a patch built for another base; returns True when the mismatch was forced through.
-
-    The tensors checked are the ones the payload changes (patch.updates()), not the manifest's
-    list: a manifest with an entry deleted would otherwise pass on any base. Every one of them
-    needs a recorded hash; the message prints both fingerprints over exactly those tensors."""
-    expected = patch.manifest.base.tensors
-    touched = sorted(patch.updates())
-    unlisted = [n for n in touched if n not in expected]
-    if unlisted:  # not forceable: there is nothing to compare against, the manifest is damaged
-        raise UnpatchError(f"{patch.label()}: its manifest records no base hash for tensor {unlisted[0]!r}, which the payload "
-                           "changes (unpatch.json base.tensors was edited or is corrupt); rebuild or re-download the patch")
-    differ = [n for n in touched if actual.get(n) != expected[n]]
-    if not differ:
-        return False
-    if force:
-        return True
-    want = combine({n: expected[n] for n in touched})
-    got = combine({n: actual.get(n, "missing") for n in touched})
-    raise UnpatchError(
-        f"{patch.label()}: built for base {patch.manifest.base.id} with fingerprint {want[:16]}, "
-        f"but {model_label} has fingerprint {got[:16]} over the same {len(touched)} tensors "
-        f"({len(differ)} differ, e.g. {differ[0]!r}); apply it to the base it was built on, or pass --force")
-
-
 def check_dtype(patch: Patch, dtypes: dict[str, torch.dtype], model_label: str, force: bool) -> None:
     """A base loaded in another dtype than the patch's base cannot match its fingerprint: say that
     (the dtype is the culprit, not the model) instead of printing two fingerprints."""
     from ..model import DTYPES
 
     want = patch.manifest.base.dtype
-    other = next(((n, d) for n, d in dtypes.items() if DTYPES.get(want, d) != d), None)
+    other = next(((n, d) for n, d in dtypes.items() if want in DTYPES and getattr(torch, DTYPES[want]) != d), None)
     if other and not force:
         got = str(other[1]).removeprefix("torch.")
         raise UnpatchError(f"{patch.label()}: built on a {want} base, but {model_label} holds {got} weights (tensor {other[0]!r}), "
                            f"so its fingerprint cannot match; load the model with --dtype {want}, or pass --force")
-
-
-def check_shapes(patch: Patch, shapes: dict[str, tuple[int, ...]], model_label: str) -> dict:
-    """Every tensor the patch changes must exist in the model with the right shape."""
-    updates = patch.updates()
-    for name, u in updates.items():
-        if name not in shapes:
-            raise UnpatchError(f"{patch.label()}: changes tensor {name!r}, which {model_label} does not have; is this the right base model?")
-        want = tuple(shapes[name])
-        if u.shape_hint() != want:
-            raise UnpatchError(f"{patch.label()}: tensor {name!r} has shape {u.shape_hint()} in the patch but {want} in {model_label}")
-        if u.encoding == "rows":
-            rows, values = u.parts
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= want[0]):
-                raise UnpatchError(f"{patch.label()}: tensor {name!r} changes row {int(rows.max())}, but {model_label} has {want[0]} rows")
-            if tuple(values.shape) != (rows.numel(), *want[1:]):
-                raise UnpatchError(f"{patch.label()}: tensor {name!r} has {tuple(values.shape)} row values for {rows.numel()} rows of width {want[1:]}")
-    return updates
 
 
 class Applied:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
 from ..verdicts import fmt
 from .card_tables import _dataset, _eval_section, _row, _sweep_section
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # huggingface_hub's card module loads in ~0.3 s: imported where a card is rendered
+    from huggingface_hub import EvalResult
+
     from .format import Patch
 
 EXTRA_FILES = ("sweep.json", "sweep.png", "audit.json")  # rendered when present; outside the hashed payload
@@ -33,6 +33,8 @@ def render_card(patch: Patch, extras: dict[str, Any] | None = None) -> str:
     """The card text. `extras` maps file names of EXTRA_FILES to their content (JSON parsed; the
     PNG's value is unused): they are passed in, not read from `patch.path`, because the folder
     being written is a temporary one."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     m, extras = patch.manifest, extras or {}
     ev = m.metrics.get("eval")
     src = base_source(m)
@@ -101,6 +103,8 @@ def datasets_of(m) -> list[str]:
 def eval_results(ev: dict[str, Any] | None) -> list[EvalResult]:
     """model-index entries: every float the metrics returned for the patched variant (the last
     one), without per-group keys (`pct_stereotype/gender`) and counts."""
+    from huggingface_hub import EvalResult
+
     if not ev or len(ev["variants"]) < 2:
         return []
     from ..hubmeta import dataset_id

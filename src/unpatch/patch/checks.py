@@ -2,6 +2,8 @@
 hashes: the manifest must cover the payload (a `"files": {}` must not switch the hash check off),
 its fingerprint must be the one its tensor hashes give, the side files must be well-formed JSON
 of the expected shape, and every file must be a regular file (a FIFO would block the read).
+Against a base: every changed tensor must exist with the patch's shape (check_shapes) and hash
+to the patch's fingerprint (check_fingerprint). Nothing here imports torch.
 
 Each failure is one UnpatchError naming the file and key and saying what to do.
 """
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import regular_file
 from ..errors import UnpatchError
 from ..fingerprint import combine
+
+if TYPE_CHECKING:
+    from .format import Patch
 
 ENCODINGS = ("dense", "rows", "lowrank")
 FIX = "rebuild or re-download the patch"
@@ -99,3 +104,47 @@ def check_base_covers(patch, manifest: str) -> None:
     if missing:
         raise UnpatchError(f"{patch.path / manifest}: base.tensors has no hash for {missing[0]!r}, which the payload changes "
                            f"(edited or corrupt), so the base check would skip it; {FIX}")
+
+
+def check_fingerprint(patch: Patch, actual: dict[str, str], model_label: str, force: bool) -> bool:
+    """Refuse a patch built for another base; returns True when the mismatch was forced through.
+
+    The tensors checked are the ones the payload changes (patch.updates()), not the manifest's
+    list: a manifest with an entry deleted would otherwise pass on any base. Every one of them
+    needs a recorded hash; the message prints both fingerprints over exactly those tensors."""
+    expected = patch.manifest.base.tensors
+    touched = sorted(patch.updates())
+    unlisted = [n for n in touched if n not in expected]
+    if unlisted:  # not forceable: there is nothing to compare against, the manifest is damaged
+        raise UnpatchError(f"{patch.label()}: its manifest records no base hash for tensor {unlisted[0]!r}, which the payload "
+                           "changes (unpatch.json base.tensors was edited or is corrupt); rebuild or re-download the patch")
+    differ = [n for n in touched if actual.get(n) != expected[n]]
+    if not differ:
+        return False
+    if force:
+        return True
+    want = combine({n: expected[n] for n in touched})
+    got = combine({n: actual.get(n, "missing") for n in touched})
+    raise UnpatchError(
+        f"{patch.label()}: built for base {patch.manifest.base.id} with fingerprint {want[:16]}, "
+        f"but {model_label} has fingerprint {got[:16]} over the same {len(touched)} tensors "
+        f"({len(differ)} differ, e.g. {differ[0]!r}); apply it to the base it was built on, or pass --force")
+
+
+def check_shapes(patch: Patch, shapes: dict[str, tuple[int, ...]], model_label: str) -> dict:
+    """Every tensor the patch changes must exist in the model with the right shape."""
+    updates = patch.updates()
+    for name, u in updates.items():
+        if name not in shapes:
+            raise UnpatchError(f"{patch.label()}: changes tensor {name!r}, which {model_label} does not have; is this the right base model?")
+        want = tuple(shapes[name])
+        if u.shape_hint() != want:
+            raise UnpatchError(f"{patch.label()}: tensor {name!r} has shape {u.shape_hint()} in the patch but {want} in {model_label}")
+        if u.encoding == "rows":  # numpy where it can: `apply --out` checks without importing torch
+            rows, values = (u.source.array(k) for k in u.keys) if u.arrays_ok() else u.parts
+            n = int(rows.shape[0]) if rows.ndim == 1 else -1
+            if n and (int(rows.min()) < 0 or int(rows.max()) >= want[0]):
+                raise UnpatchError(f"{patch.label()}: tensor {name!r} changes row {int(rows.max())}, but {model_label} has {want[0]} rows")
+            if tuple(values.shape) != (n, *want[1:]):
+                raise UnpatchError(f"{patch.label()}: tensor {name!r} has {tuple(values.shape)} row values for {n} rows of width {want[1:]}")
+    return updates

@@ -22,15 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnpatchError
 from ..fingerprint import combine
 from ..version import __version__
 from .update import Update, tensor_shape
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "unpatch-patch"
 FORMAT_VERSION = 1
@@ -39,6 +41,7 @@ DELTA_FILE = "delta.safetensors"
 LORA_FILE = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+AUDIT_FILE = "audit.json"  # `unpatch audit`'s report, kept beside the payload (audit.py writes it)
 
 
 class BaseRef(BaseModel):
@@ -172,6 +175,7 @@ def lora_config_dict(config, base_id: str | None = None) -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     import peft
     import safetensors
+    import torch
     import transformers
 
     return {"unpatch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

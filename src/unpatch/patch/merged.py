@@ -6,6 +6,9 @@ the touched tensors back from the base, checks them against the ledger, and re-a
 patches that stay: the result is bit-identical to applying just those to the base. Where the
 base cannot be read back it subtracts instead and reports the largest round-trip deviation.
 Peak memory is about two tensors (the one being written and one update), as in mergekit's lazy mode.
+Dense and row-sparse deltas on float16/32/64 bases stream through numpy, with the same bits as the
+torch path (update.py), so `apply --out` of such patches never imports torch (~3 s here); LoRA
+(peft's matmul, for bit-identity with its merge) and bfloat16 tensors go through torch.
 """
 
 from __future__ import annotations
@@ -14,72 +17,25 @@ import json
 import math
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .. import checks
 from ..atomic import atomic_dir, check_out_path, claims
 from ..errors import UnpatchError
 from ..fingerprint import combine, tensor_hash
-from ..hashcache import file_hashes
-from ..model import checkpoint_folder, model_revision, resolve_dtype, resolve_model
-from ..safetensors_io import SafetensorsFile, write_streaming
-from .apply import check_fingerprint, check_shapes
+from ..model import checkpoint_folder, model_revision, resolve_model
+from ..safetensors_io import NUMPY, write_streaming
+from .checkpoint import INDEX, Checkpoint, check_against
 from .format import PICKLED, Patch
 from .reuse import Buffers, ReusingTensors
 from .store import load_patch
 from .update import LazyTensors
 
+if TYPE_CHECKING:
+    import torch
+
 LEDGER = "unpatch_ledger.json"
-INDEX = "model.safetensors.index.json"
-
-
-class Checkpoint:
-    """The safetensors shards of a model folder, read tensor by tensor."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        if (folder / INDEX).exists():
-            names = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-            files = [folder / n for n in names]
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLED]
-            what = f"only pickled weights ({pickled[0]}), which are refused; convert them to safetensors" if pickled else "no *.safetensors weights"
-            raise UnpatchError(f"{folder}: {what}")
-        self.files = [SafetensorsFile(f) for f in files]
-        self.where = {name: f for f in self.files for name in f.keys()}
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: f.shape(n) for n, f in self.where.items()}
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.where[name].read(name)
-
-    def hashes(self, names, algo: str) -> dict[str, str]:
-        """Hashes of the tensors as stored, from the on-disk cache where the files are unchanged."""
-        by_file: dict[SafetensorsFile, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        return {n: h for f, ns in by_file.items() for n, h in file_hashes(f, algo, ns).items()}
-
-
-def check_against(patch: Patch, ckpt: Checkpoint, label: str, force: bool = False,
-                  raw_hashes: dict[str, str] | None = None, ledger_hash: str = "sha256") -> tuple[dict, bool]:
-    """Shapes and fingerprint of `patch` against a checkpoint; returns (updates, forced).
-    `raw_hashes` collects the `ledger_hash` hashes of the checkpoint tensors as stored (for the ledger)."""
-    updates = check_shapes(patch, ckpt.shapes, label)
-    dtype, algo = resolve_dtype(patch.manifest.base.dtype), patch.manifest.base.hash
-    same = [n for n in updates if ckpt.where[n].dtype(n) == dtype]
-    actual = ckpt.hashes(same, algo)
-    for n in updates:
-        if n not in actual:  # stored in another dtype: hash the exact upcast, as the patch saw it
-            actual[n] = tensor_hash(ckpt.read(n).to(dtype), algo)
-    if raw_hashes is not None:
-        raw_hashes.update(ckpt.hashes([n for n in updates if n not in raw_hashes], ledger_hash))
-    return updates, check_fingerprint(patch, actual, label, force)
+FLOATS = ("F16", "F32", "F64")  # base dtypes the numpy path adds to
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -95,13 +51,13 @@ def _write(ckpt: Checkpoint, out: Path, produce) -> None:
     from .. import progress
 
     with progress.task(f"writing {out.name}", sum(len(f.keys()) for f in ckpt.files), unit="tensors") as bar:
-        def counted(n: str) -> torch.Tensor:
+        def counted(n: str):
             t = produce(n)
             bar.advance()
             return t
 
         for f in ckpt.files:
-            specs = {n: (f.dtype(n), f.shape(n)) for n in f.keys()}
+            specs = {n: (f.code(n), f.shape(n)) for n in f.keys()}
             write_streaming(out / f.path.name, specs, ((n, counted(n)) for n in specs), metadata=f.metadata or {"format": "pt"})
 
 
@@ -142,9 +98,17 @@ def apply_to_folder(model: str, patches: list[tuple[Patch, float]], out: str | P
             if isinstance(u.source, LazyTensors) and not isinstance(u.source, ReusingTensors):
                 u.source = ReusingTensors(u.source.file, part_bufs)
 
-    def produce(name: str) -> torch.Tensor:
-        t = base_buf.read(ckpt.where[name], name)
-        for u, scale in by_tensor.get(name, ()):
+    def produce(name: str):
+        # numpy where it can (an untouched tensor of any dtype numpy has, a touched float one whose
+        # updates are all dense / rows): torch is then never imported; otherwise torch, same bits
+        st, ups = ckpt.where[name], by_tensor.get(name, ())
+        if st.code(name) in (NUMPY if not ups else FLOATS) and all(u.arrays_ok() for u, _ in ups):
+            w = base_buf.read_array(st, name)
+            for u, scale in ups:
+                u.add_to_array(w, scale)
+            return w
+        t = base_buf.read(st, name)
+        for u, scale in ups:
             u.add_to(t, scale)
         return t
 
@@ -177,6 +141,8 @@ def _rounding_bound(merged: torch.Tensor, restored: torch.Tensor, steps: int) ->
     """Upper bound of |restored - base| after `steps` arithmetic reverts: applying rounded once
     per patch (merged = fl(base + d)) and reverting once more (restored = fl(merged - d)), so each
     changed element is off by at most steps * (ulp(merged) + ulp(restored)) / 2."""
+    import torch
+
     if not steps or not merged.is_floating_point():
         return 0.0
     changed = merged != restored

@@ -7,34 +7,41 @@ streaming merge holds each tensor only until it is written, so a few grown-once 
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from ..errors import UnpatchError
-from ..safetensors_io import SafetensorsFile
+from ..safetensors_io import NUMPY, SafetensorsFile, torch_dtype
 from .update import LazyTensors
 
 
 class Buffers:
-    """A ring of `n` byte buffers, grown to the largest request, never shrunk. A tensor read
-    into one is valid until `n` further reads: callers must be done with it by then."""
+    """A ring of `n` byte buffers (numpy, so streaming needs no torch), grown to the largest
+    request, never shrunk. A tensor read into one is valid until `n` further reads: callers must
+    be done with it by then."""
 
     def __init__(self, n: int = 2):
-        self.ring: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8) for _ in range(n)]
+        self.ring: list[np.ndarray] = [np.empty(0, dtype=np.uint8) for _ in range(n)]
         self.next = 0
 
-    def read(self, st: SafetensorsFile, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = st.entries[name]
+    def _raw(self, st: SafetensorsFile, name: str) -> np.ndarray:
+        _, _, begin, end = st.entries[name]
         size = end - begin
         k, self.next = self.next, (self.next + 1) % len(self.ring)
-        if self.ring[k].numel() < size:
-            self.ring[k] = torch.empty(size, dtype=torch.uint8)
+        if self.ring[k].size < size:
+            self.ring[k] = np.empty(size, dtype=np.uint8)
         buf = self.ring[k][:size]
-        with open(st.path, "rb", buffering=0) as f:
-            f.seek(st.data_start + begin)
-            got = f.readinto(memoryview(buf.numpy())) if size else 0
-        if got != size:
-            raise UnpatchError(f"{st.path}: tensor {name!r} is truncated; re-download or rebuild it")
-        return buf.view(dtype).reshape(shape)
+        st.read_into(name, memoryview(buf))
+        return buf
+
+    def read(self, st: SafetensorsFile, name: str):
+        """As a torch tensor (sharing the buffer's memory)."""
+        import torch
+
+        code, shape, _, _ = st.entries[name]
+        return torch.from_numpy(self._raw(st, name)).view(torch_dtype(code)).reshape(shape)
+
+    def read_array(self, st: SafetensorsFile, name: str) -> np.ndarray:
+        code, shape, _, _ = st.entries[name]
+        return self._raw(st, name).view(NUMPY[code]).reshape(shape)
 
 
 class ReusingTensors(LazyTensors):
@@ -45,7 +52,10 @@ class ReusingTensors(LazyTensors):
         super().__init__(file)
         self.buffers = buffers
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str):
         if key not in self.file.entries:
             raise KeyError(key)
         return self.buffers.read(self.file, key)
+
+    def array(self, key: str) -> np.ndarray:
+        return self.buffers.read_array(self.file, key)

@@ -12,11 +12,9 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
 from ..checks import own_file, regular_file
@@ -28,13 +26,19 @@ from ..version import __version__
 from .card import EXTRA_FILES, render_card
 from .checks import check_base_covers, check_files_cover, check_fingerprint_field, check_lora_config, delta_meta, read_json
 from .format import DELTA_FILE, FORMAT, FORMAT_VERSION, LORA_CONFIG, LORA_FILE, MANIFEST, PICKLED, Manifest, Patch, now
+from .reuse import Buffers
 from .update import LazyTensors
+
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------- save / load
 
 
 def save_patch(patch: Patch, out: str | Path, overwrite: bool = False) -> Patch:
     """Write the patch folder atomically; returns the patch as saved (with file hashes)."""
+    from safetensors.torch import save_file
+
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         tensors = {k: patch.tensors[k].detach().to("cpu").contiguous() for k in patch.tensors}
@@ -88,7 +92,30 @@ def _load_pickled(folder: Path, allow_pickle: bool | None) -> dict[str, torch.Te
     regular_file(found[0])
     if not allow_pickle:
         raise _refuse_pickle(found[0], allow_pickle)
+    import torch
+
     return torch.load(found[0], map_location="cpu", weights_only=True)
+
+
+def _finite(tensors, key: str, buffers: Buffers) -> bool:
+    """No NaN or Inf in one payload tensor; read with numpy where it has the dtype (no torch
+    import), checked 1M elements at a time into one small mask (no fresh pages per tensor)."""
+    if isinstance(tensors, LazyTensors) and tensors.has_arrays([key]):
+        import numpy as np
+
+        flat = buffers.read_array(tensors.file, key).reshape(-1)
+        if flat.dtype.kind != "f" or not flat.size:
+            return True
+        mask = np.empty(min(flat.size, 1 << 20), dtype=bool)
+        for at in range(0, flat.size, mask.size):
+            part = flat[at: at + mask.size]
+            if not np.isfinite(part, out=mask[: part.size]).all():
+                return False
+        return True
+    import torch
+
+    t = tensors[key]
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def load_patch(path: str | Path, allow_pickle: bool | None = False) -> Patch:
@@ -118,9 +145,9 @@ def load_patch(path: str | Path, allow_pickle: bool | None = False) -> Patch:
             raise UnpatchError(f"{p / f}: content differs from the hash in {MANIFEST} (corrupt or edited); rebuild or re-download the patch")
     finite_key = file_key(p / payload) if (p / payload).exists() else None
     if finite_key is None or not known(p / payload, "finite"):
+        buffers = Buffers(1)  # one at a time, into one reused buffer: a full-model delta is never held whole
         for k in tensors:
-            t = tensors[k]  # one at a time: a full-model delta is never held whole
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not _finite(tensors, k, buffers):
                 raise UnpatchError(f"{p}: tensor {k!r} contains NaN or Inf; the build diverged, rebuild with a lower learning rate")
         if finite_key is not None:
             remember(p / payload, "finite", finite_key)

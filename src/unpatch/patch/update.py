@@ -1,14 +1,22 @@
-"""One patch's change to one base tensor (`Update`), and lazily read payload tensors."""
+"""One patch's change to one base tensor (`Update`), and lazily read payload tensors.
+
+An update adds to a torch tensor (`add_to`) or, for dense and row encodings, to a numpy array
+(`add_to_array`, what `apply --out` streams through without importing torch). Both give the same
+bits: w + (c * d), each step rounded once in the base's arithmetic dtype (float32 for half
+precision, rounded back at the end). torch's own `add_(d, alpha=c)` would fuse the multiply and
+add on its vectorised lanes only (and not on the tail), which no numpy operation reproduces.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from ..safetensors_io import NUMPY, SafetensorsFile
 
-from ..safetensors_io import SafetensorsFile
+if TYPE_CHECKING:
+    import torch
 
 
 class LazyTensors(Mapping):
@@ -33,6 +41,13 @@ class LazyTensors(Mapping):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.file.shape(key)
+
+    def array(self, key: str):
+        """The tensor as a numpy array (dtypes numpy has)."""
+        return self.file.read_array(key)
+
+    def has_arrays(self, keys) -> bool:
+        return all(self.file.code(k) in NUMPY for k in keys)
 
 
 def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -69,6 +84,8 @@ class Update:
     def dense(self, scale: float = 1.0) -> torch.Tensor:
         """The full float32 delta this update adds at `scale`.
         For lowrank (LoRA) updates, adding it to a float32 base gives the bits `add_to` gives."""
+        import torch
+
         if self.encoding == "rows":
             out = torch.zeros(self.base_shape, dtype=torch.float32)
             self.add_to(out, scale)
@@ -81,6 +98,8 @@ class Update:
         # peft computes transpose(B @ A) * scaling; multiplying in place on the product gives the
         # same values with one pass less, and folding `scale` in keeps it at one pass. With
         # `scratch`, the product goes into a reused buffer: fresh pages cost a fault each.
+        import torch
+
         b, a = (p.to(device, dtype) for p in self.parts)
         out = _scratch(b.shape[0] * a.shape[1], dtype, device).view(b.shape[0], a.shape[1]) if scratch else None
         d = torch.matmul(b, a, out=out).mul_(self.factor * scale)
@@ -89,6 +108,8 @@ class Update:
     def add_to(self, w: torch.Tensor, scale: float = 1.0) -> None:
         """w += scale * factor * delta, in place. LoRA follows peft's merge bit for bit:
         delta = transpose(B @ A) * scaling, then w += delta."""
+        import torch
+
         c = self.factor * scale
         if c == 0:
             return  # scale 0 leaves the base untouched, bit for bit
@@ -96,21 +117,48 @@ class Update:
         target = w if exact else w.float()  # half precision: add in fp32, round once
         if self.encoding == "dense":
             d = self.parts[0].to(target.device, target.dtype, non_blocking=True)
-            target.add_(d) if c == 1 else target.add_(d, alpha=c)
+            target.add_(d if c == 1 else torch.mul(d, c, out=_scratch(d.numel(), d.dtype, d.device).view(d.shape)))
         elif self.encoding == "rows":
             rows, values = (p.to(target.device, non_blocking=True) for p in self.parts)
-            target.index_add_(0, rows, values.to(target.dtype), alpha=c)
+            values = values.to(target.dtype)
+            target.index_add_(0, rows, values if c == 1 else values * c)
         else:
             target.add_(self._lowrank(target.dtype, target.device, scale, scratch=True))
         if not exact:
             w.copy_(target)
 
 
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    def arrays_ok(self) -> bool:
+        """True when `add_to_array` can do this update (dense or rows, numpy dtypes, lazily read)."""
+        return self.encoding in ("dense", "rows") and isinstance(self.source, LazyTensors) and self.source.has_arrays(self.keys)
+
+    def add_to_array(self, w, scale: float = 1.0) -> None:
+        """`add_to` on a numpy array (float16/32/64), with the same bits."""
+        import numpy as np
+
+        c = self.factor * scale
+        if c == 0:
+            return
+        exact = w.dtype in (np.float32, np.float64)
+        target = w if exact else w.astype(np.float32)
+        if self.encoding == "dense":
+            d = self.source.array(self.keys[0]).astype(target.dtype, copy=False)
+            np.add(target, d if c == 1 else np.multiply(d, target.dtype.type(c), out=d), out=target)
+        else:  # rows: np.add.at adds repeated rows one after another, in order, as index_add_ does
+            rows, values = (self.source.array(k) for k in self.keys)
+            values = values.astype(target.dtype, copy=False)
+            np.add.at(target, rows, values if c == 1 else values * target.dtype.type(c))
+        if not exact:
+            w[...] = target
+
+
+_SCRATCH: dict = {}  # (dtype, device) -> torch buffer
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reusable flat buffer of at least `numel` elements (grown, never shrunk)."""
+    import torch
+
     buf = _SCRATCH.get((dtype, device))
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
