@@ -73,6 +73,7 @@ def test_prefix_sharing_across_packed_rows_and_duplicates(monkeypatch, tok, widt
     from unpatch.evals import scoring
 
     monkeypatch.setattr(scoring, "PACK_WIDTH", width)
+    monkeypatch.setattr(scoring, "MIN_POSITIONS", 1)  # several forward passes, not one
     texts = SENTENCES + SENTENCES[::-1] + ["The cat sat on the mat. It was warm there, they sang."]
     for arch in ("llama", "gpt2", "opt"):
         model = tiny_model(arch)
