@@ -5,7 +5,7 @@
 Prints `name: value` lines (`#` lines are context).
 apply_out_time_ratio_vs_mergekit   wall time of `unpatch apply PATCH --scale -1 --out A` over `mergekit-yaml`
     task_arithmetic (base + (-1) x (ft - base), `normalize: false`, float32) writing B, both as CLI
-    subprocesses (imports and writes included; best of 3 alternating runs each, after an os.sync()),
+    subprocesses (imports and writes included; best of 5 alternating runs each, after an os.sync()),
     on the same two checkpoints: the SmolLM2-135M base folder and ft = base + a seeded random dense
     delta on every 2-D weight (written by `apply --out`; PATCH is that delta). apply_out_max_abs_diff_vs_mergekit: max |A - B| over every tensor.
     mergekit is not a dependency: it is imported from --mergekit-site (default
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 RECIPE = ROOT / "recipes" / "task-vector-bias.yaml"
 SITE = Path.home() / ".cache" / "unpatch-bench" / "mergekit-site"
-REPEATS = 3
+REPEATS = 5
 MERGEKIT = ["mergekit==0.1.5", "immutables==0.21"]  # the venv already has the rest (checked with pip --dry-run)
 
 

@@ -111,13 +111,16 @@ class SafetensorsFile:
         _, _, begin, end = self.entries[name]
         return end - begin
 
-    def read_into(self, name: str, buf) -> None:
-        """Read one tensor's raw bytes into `buf` (a writable buffer of exactly its size)."""
+    def read_into(self, name: str, buf, start: int = 0) -> None:
+        """Read the raw bytes of one tensor from byte `start` of it into `buf` (as many as `buf` holds)."""
         _, _, begin, end = self.entries[name]
+        want = memoryview(buf).nbytes
+        if start < 0 or begin + start + want > end:
+            raise ValueError(f"read_into: bytes {start}..{start + want} of tensor {name!r} ({end - begin} bytes)")
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(buf) if end > begin else 0
-        if got != end - begin:
+            f.seek(self.data_start + begin + start)
+            got = f.readinto(buf) if want else 0
+        if got != want:
             raise UnpatchError(f"{self.path}: tensor {name!r} is truncated; re-download or rebuild it")
 
     def read(self, name: str):
@@ -129,14 +132,16 @@ class SafetensorsFile:
         self.read_into(name, memoryview(buf.numpy()))
         return buf.view(torch_dtype(code)).reshape(shape)
 
-    def read_array(self, name: str):
-        """Read one tensor into fresh memory, as a numpy array (dtypes numpy has: see NUMPY)."""
+    def read_array(self, name: str, span: tuple[int, int] | None = None):
+        """Read one tensor into fresh memory, as a numpy array (dtypes numpy has: see NUMPY);
+        with `span` = (a, b), only its flat (C-order) elements a..b-1, as a 1-D array."""
         import numpy as np
 
         code, shape, begin, end = self.entries[name]
-        buf = np.empty(end - begin, dtype=np.uint8)
-        self.read_into(name, memoryview(buf))
-        return buf.view(NUMPY[code]).reshape(shape)
+        a, b = span or (0, math.prod(shape))
+        buf = np.empty((b - a) * ITEMSIZE[code], dtype=np.uint8)
+        self.read_into(name, memoryview(buf), a * ITEMSIZE[code])
+        return buf.view(NUMPY[code]) if span else buf.view(NUMPY[code]).reshape(shape)
 
 
 def _raw(t) -> memoryview:
@@ -146,6 +151,14 @@ def _raw(t) -> memoryview:
     if hasattr(t, "detach"):  # torch: a CPU tensor's numpy view shares its memory
         t = t.detach().cpu().contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
     return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+
+
+class Parts:
+    """One tensor given as consecutive flat pieces (numpy arrays), for write_streaming: a large
+    tensor then passes through small reused buffers instead of fresh memory of its full size."""
+
+    def __init__(self, code: str, shape: tuple[int, ...], pieces: Iterable):
+        self.code, self.shape, self.pieces = code, tuple(shape), pieces
 
 
 def write_streaming(
@@ -170,6 +183,15 @@ def write_streaming(
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, t in tensors:
             want, (code, shape) = next(order)
+            if isinstance(t, Parts):
+                if name != want or (t.code, t.shape) != (code, shape):
+                    raise ValueError(f"write_streaming: got {name} {t.code} {t.shape}, expected {want} {code} {shape}")
+                written = 0
+                for piece in t.pieces:
+                    written += f.write(_raw(piece))
+                if written != math.prod(shape) * ITEMSIZE[code]:
+                    raise ValueError(f"write_streaming: {name}: the parts hold {written} bytes, its shape needs {math.prod(shape) * ITEMSIZE[code]}")
+                continue
             raw = _raw(t)
             if name != want or tuple(t.shape) != shape or raw.nbytes != math.prod(shape) * ITEMSIZE[code] or _code(t) != code:
                 raise ValueError(f"write_streaming: got {name} {t.dtype} {tuple(t.shape)}, expected {want} {code} {shape}")

@@ -13,6 +13,7 @@ from conftest import BUILD_CONFIGS, make_delta_patch, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import unpatch.patch.merged as merged_mod
 from unpatch.model import load_model
 from unpatch.patch.apply import Applied
 from unpatch.patch.merged import apply_to_folder, revert_folder
@@ -47,6 +48,7 @@ def test_streamed_apply_out_has_the_bits_of_the_in_memory_apply(tmp_path, monkey
         raise AssertionError("apply --out of a delta went through torch")
     with monkeypatch.context() as m:
         m.setattr(Update, "add_to", torch_add)
+        m.setattr(merged_mod, "CHUNK", 52)  # 13 fp32 / 26 fp16 elements: every tensor in many uneven pieces
         apply_to_folder(str(folder), [(patch, scale)], tmp_path / "merged")
 
     Applied(model).apply(patch, scale)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..safetensors_io import NUMPY, SafetensorsFile, torch_dtype
+from ..safetensors_io import ITEMSIZE, NUMPY, SafetensorsFile, torch_dtype
 from .update import LazyTensors
 
 
@@ -22,14 +22,14 @@ class Buffers:
         self.ring: list[np.ndarray] = [np.empty(0, dtype=np.uint8) for _ in range(n)]
         self.next = 0
 
-    def _raw(self, st: SafetensorsFile, name: str) -> np.ndarray:
-        _, _, begin, end = st.entries[name]
-        size = end - begin
+    def _raw(self, st: SafetensorsFile, name: str, span: tuple[int, int] | None = None) -> np.ndarray:
+        code, _, begin, end = st.entries[name]
+        start, size = (span[0] * ITEMSIZE[code], (span[1] - span[0]) * ITEMSIZE[code]) if span else (0, end - begin)
         k, self.next = self.next, (self.next + 1) % len(self.ring)
         if self.ring[k].size < size:
             self.ring[k] = np.empty(size, dtype=np.uint8)
         buf = self.ring[k][:size]
-        st.read_into(name, memoryview(buf))
+        st.read_into(name, memoryview(buf), start)
         return buf
 
     def read(self, st: SafetensorsFile, name: str):
@@ -39,9 +39,11 @@ class Buffers:
         code, shape, _, _ = st.entries[name]
         return torch.from_numpy(self._raw(st, name)).view(torch_dtype(code)).reshape(shape)
 
-    def read_array(self, st: SafetensorsFile, name: str) -> np.ndarray:
+    def read_array(self, st: SafetensorsFile, name: str, span: tuple[int, int] | None = None) -> np.ndarray:
+        """As a numpy array; with `span` = (a, b), flat elements a..b-1 only (1-D)."""
         code, shape, _, _ = st.entries[name]
-        return self._raw(st, name).view(NUMPY[code]).reshape(shape)
+        flat = self._raw(st, name, span).view(NUMPY[code])
+        return flat if span else flat.reshape(shape)
 
 
 class ReusingTensors(LazyTensors):
@@ -57,5 +59,5 @@ class ReusingTensors(LazyTensors):
             raise KeyError(key)
         return self.buffers.read(self.file, key)
 
-    def array(self, key: str) -> np.ndarray:
-        return self.buffers.read_array(self.file, key)
+    def array(self, key: str, span: tuple[int, int] | None = None) -> np.ndarray:
+        return self.buffers.read_array(self.file, key, span)

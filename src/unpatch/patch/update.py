@@ -42,9 +42,9 @@ class LazyTensors(Mapping):
     def shape(self, key: str) -> tuple[int, ...]:
         return self.file.shape(key)
 
-    def array(self, key: str):
-        """The tensor as a numpy array (dtypes numpy has)."""
-        return self.file.read_array(key)
+    def array(self, key: str, span: tuple[int, int] | None = None):
+        """The tensor as a numpy array (dtypes numpy has); `span` = (a, b): flat elements a..b-1."""
+        return self.file.read_array(key, span)
 
     def has_arrays(self, keys) -> bool:
         return all(self.file.code(k) in NUMPY for k in keys)
@@ -132,17 +132,20 @@ class Update:
         """True when `add_to_array` can do this update (dense or rows, numpy dtypes, lazily read)."""
         return self.encoding in ("dense", "rows") and isinstance(self.source, LazyTensors) and self.source.has_arrays(self.keys)
 
-    def add_to_array(self, w, scale: float = 1.0) -> None:
-        """`add_to` on a numpy array (float16/32/64), with the same bits."""
+    def add_to_array(self, w, scale: float = 1.0, span: tuple[int, int] | None = None) -> None:
+        """`add_to` on a numpy array (float16/32/64), with the same bits. With `span` = (a, b), `w`
+        is the base's flat elements a..b-1 (dense only: the add is elementwise)."""
         import numpy as np
 
+        if span is not None and self.encoding != "dense":
+            raise ValueError(f"{self.name}: a {self.encoding} update applies to the whole tensor, not a span")
         c = self.factor * scale
         if c == 0:
             return
         exact = w.dtype in (np.float32, np.float64)
         target = w if exact else w.astype(np.float32)
         if self.encoding == "dense":
-            d = self.source.array(self.keys[0]).astype(target.dtype, copy=False)
+            d = self.source.array(self.keys[0], span).astype(target.dtype, copy=False)
             np.add(target, d if c == 1 else np.multiply(d, target.dtype.type(c), out=d), out=target)
         else:  # rows: np.add.at adds repeated rows one after another, in order, as index_add_ does
             rows, values = (self.source.array(k) for k in self.keys)
