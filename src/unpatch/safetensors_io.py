@@ -27,8 +27,8 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # numpy has no bfloat16 or float8: tensors of those dtypes are read through torch only
 NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-# the model / manifest dtype names (model.DTYPE_ALIASES) as codes
-CODE_OF = {"float64": "F64", "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
+_CODE = {n: c for c, n in _TORCH.items()}  # torch's dtype name -> code
+_SHORT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the short names model.DTYPES also takes
 _MAX_HEADER = 100_000_000
 
 
@@ -43,12 +43,10 @@ def code_of(dtype) -> str:
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     if name in ITEMSIZE:
         return name
-    if name in CODE_OF:
-        return CODE_OF[name]
-    for c, n in _TORCH.items():
-        if n == name:
-            return c
-    raise UnpatchError(f"dtype {name!r}: unknown; use one of {', '.join(CODE_OF)}")
+    name = _SHORT.get(name, name)
+    if name not in _CODE:
+        raise UnpatchError(f"dtype {name!r}: unknown; use float32, bfloat16 or float16")
+    return _CODE[name]
 
 
 class SafetensorsFile:
