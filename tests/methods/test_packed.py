@@ -51,3 +51,26 @@ def test_a_model_that_disagrees_falls_back(monkeypatch):
     with pytest.warns(UserWarning, match="padding-free batches disagree"):
         got = packed.token_nll(model, batch)
     assert packed._CHECKED[model] is False and got.item() == packed.padded_nll(model, batch).item()
+
+
+def test_last_tokens_are_left_out_of_the_packed_row():
+    model = _model("llama").eval()
+    batch = Batches.from_texts(FORGET, tiny_tokenizer(), 32, 4, 0)[0]
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    packed.packed_nll(model, batch)
+    rows, real = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+    assert seen == [torch.Size([1, real - rows])]  # each text's last token predicts nothing: not run
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_token_nll_matches_cross_entropy_value_and_gradient(spread):
+    torch.manual_seed(1)
+    logits = (torch.randn(37, 501) * spread).requires_grad_()
+    targets = torch.randint(0, 501, (37,))
+    want = torch.nn.functional.cross_entropy(logits, targets)
+    (g_want,) = torch.autograd.grad(want * 3.0, logits)
+    got = packed.TokenNLL.apply(logits, targets)
+    (g_got,) = torch.autograd.grad(got * 3.0, logits)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert (g_got - g_want).abs().max().item() < 1e-5 * g_want.abs().max().item()  # float rounding only

@@ -17,6 +17,7 @@ dynamic loss scaling (fp16 underflows small gradients; bf16 does not).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from ..batches import Batches
 from ..distributed import activation_bytes_per_token, choose_chunks, engine, schedule, splittable, take
 from ..errors import UnpatchError
 from ..recipe import TrainSection
+from .lora_fast import fused_lora
 
 # loss_fn(model, batch) -> loss, or (loss, {"metric": float, ...}) for logging / early stop
 LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
@@ -66,6 +68,13 @@ def gathered_state(model) -> dict[str, torch.Tensor] | None:
     return _GATHERED.get(model)
 
 
+def _fused_adamw(params, eng) -> bool | None:
+    """torch's fused AdamW (one kernel for all tensors; ~5x faster than its per-tensor loop on 420
+    LoRA tensors on CPU) where it is supported: CPU or CUDA floating point, not sharded."""
+    ok = not eng.sharded and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return True if ok else None
+
+
 def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir: Path | None = None,
                resume: bool = False, fingerprint: str = "", on_step: Callable[[int, dict[str, float]], None] | None = None,
                desc: str = "unlearning", split_rows: bool | None = None) -> LoopResult:
@@ -92,7 +101,7 @@ def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir
     scaler = torch.amp.GradScaler(dev.type) if fp16 else None
     held = [(n, masters.get(n, p)) for n, p in named]  # what AdamW updates and checkpoints hold
     params = [p for _, p in held]
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=_fused_adamw(params, eng))
     start, history = 0, []
     if resume and ckpt_dir is not None and (ckpt_dir / STATE).exists():
         start, history = _load_checkpoint(ckpt_dir, held, opt, fingerprint)
@@ -111,7 +120,8 @@ def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir
     runner = model if handle is model else _Proxy(handle, model)  # methods still read model.device etc.
     model.train()
     stopped = None
-    with progress.task(desc, train.steps, unit="steps", completed=start, enabled=eng.main) as bar:
+    fused = fused_lora(model) if not eng.sharded else contextlib.nullcontext()  # FSDP / ZeRO-3 own the parameters
+    with fused, progress.task(desc, train.steps, unit="steps", completed=start, enabled=eng.main) as bar:
         for step in range(start, train.steps):
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
