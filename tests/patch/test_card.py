@@ -5,6 +5,7 @@ Regenerate the golden file with UPDATE_GOLDEN=1 after an intended change."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from unpatch.patch.card import render_card
 from unpatch.patch.store import load_patch, regenerate_card, save_patch
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "card.md"
+DECIMAL = r"-?\d+\.\d+(?:e[-+]?\d+)?"
 RECIPE = "model: {id: example/tiny-gpt2}\ndata: {forget: forget.txt}\nmethod: {name: ga}\ntrain: {steps: 8}\n"
 VERSIONS = {"unpatch": "0.0.0", "torch": "2.x", "transformers": "5.x", "peft": "0.x", "safetensors": "0.x"}
 AUDIT = {"format": "unpatch-audit", "version": 1, "stages": {"patched": {"forget_nll": 5.5, "forgetting_kept": 1.0},
@@ -66,7 +68,13 @@ def test_card_matches_golden(card_patch):
     if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(got)
-    assert got == GOLDEN.read_text()
+    want = GOLDEN.read_text()
+    # Decimals are compared to 1e-6 relative, the rest character for character: the last printed
+    # digit of a measured float moves with the CPU's BLAS kernels (AVX2 vs AVX-512 gave
+    # 131.588474 vs 131.588473 for the same perplexity).
+    assert re.sub(DECIMAL, "<x>", got) == re.sub(DECIMAL, "<x>", want)
+    pairs = list(zip(re.findall(DECIMAL, got), re.findall(DECIMAL, want), strict=True))
+    assert pairs and all(math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9) for a, b in pairs)
 
 
 def test_model_index_parses_back(card_patch):

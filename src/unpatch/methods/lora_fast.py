@@ -10,7 +10,8 @@ The values agree with peft's to float rounding (other summation order); tests/me
 test_lora_fast.py checks outputs and gradients against peft's forward.
 
 Only the vanilla case is fused: one active adapter, no dropout, not merged, a plain nn.Linear
-base, no DoRA or other variant, same dtype throughout. Anything else keeps peft's forward.
+base, no DoRA or other variant, same dtype throughout, no autocast. Anything else keeps peft's
+forward.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _fusable(layer) -> bool:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    if args or kwargs or x.dtype != self.base_layer.weight.dtype:
+    if args or kwargs or x.dtype != self.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return self._peft_forward(x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
