@@ -11,6 +11,7 @@ import yaml
 from conftest import FORGET
 
 from unpatch import progress
+from unpatch.methods import packed
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
@@ -76,10 +77,12 @@ def test_piped_build_shows_training_and_evaluation_progress(tmp_path, models_dir
     # in process (a subprocess costs ~10 s of imports): what `unpatch build ... 2>&1 | cat` runs, stderr not a terminal
     from unpatch.cli import app
 
-    monkeypatch.setenv("UNPATCH_PROGRESS_SECONDS", "0.01")
+    monkeypatch.setenv("UNPATCH_PROGRESS_SECONDS", "0.01")  # progress raises it to its floor, 0.05 s
     monkeypatch.delenv("COLUMNS", raising=False)
     progress.quiet_third_party()
     monkeypatch.setattr("unpatch.cli.recipes.console", progress.console())  # the console main() builds, under capture
+    real_nll = packed.token_nll  # 6 tiny steps take a few ms: make each last 30 ms, so training outlives a heartbeat
+    monkeypatch.setattr(packed, "token_nll", lambda m, b: (time.sleep(0.03), real_nll(m, b))[1])
     app(["build", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "p")], prog_name="unpatch", standalone_mode=False)
     out, err = capfd.readouterr()
     lines = err.splitlines()

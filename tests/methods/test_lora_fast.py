@@ -15,13 +15,13 @@ from unpatch.methods.lora_fast import fused_lora
 from unpatch.methods.packed import token_nll
 
 
-def _peft(dropout: float = 0.0, dora: bool = False, bias: bool = False):
+def _peft(dropout: float = 0.0, dora: bool = False, bias: bool = False, lora_bias: str = "none"):
     torch.manual_seed(0)
     config = BUILD_CONFIGS["llama"]()
     config.attention_bias = bias  # q_proj and v_proj get a bias: FusedLoRA's addmm path
     model = AutoModelForCausalLM.from_config(config)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=dropout,
-                     use_dora=dora, task_type="CAUSAL_LM")
+                     use_dora=dora, bias=lora_bias, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at 0; a non-zero B makes every term of the gradient count
@@ -66,6 +66,19 @@ def test_input_gradient_matches_peft():
         (got_g,) = torch.autograd.grad(got_y.square().sum(), x)
     assert got_y.shape == want_y.shape
     assert torch.allclose(got_y, want_y, rtol=1e-6, atol=1e-6) and torch.allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_trained_base_biases_keep_peft_forward_and_get_their_gradients():
+    model = _peft(bias=True, lora_bias="all")  # peft's bias="all": q_proj's and v_proj's biases train
+    batch = Batches.from_texts(FORGET, tiny_tokenizer(), 32, 4, 0)[0]
+    _, want = _loss_and_grads(model, batch)
+    with fused_lora(model):
+        assert {n for n, m in model.named_modules() if "forward" in vars(m)} == {
+            n for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.base_layer.bias is None}
+        _, got = _loss_and_grads(model, batch)
+    assert any(n.endswith("base_layer.bias") for n in want) and got.keys() == want.keys()
+    for name in want:
+        assert (got[name] - want[name]).abs().max().item() <= 1e-5 * want[name].abs().max().item(), name
 
 
 @pytest.mark.parametrize("kind", ["dropout", "dora"])

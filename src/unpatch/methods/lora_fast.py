@@ -10,7 +10,7 @@ The values agree with peft's to float rounding (other summation order); tests/me
 test_lora_fast.py checks outputs and gradients against peft's forward.
 
 Only the vanilla case is fused: one active adapter, no dropout, not merged, a plain nn.Linear
-base, no DoRA or other variant, same dtype throughout, no autocast. Anything else keeps peft's
+base with frozen weight and bias, no DoRA or other variant, same dtype throughout, no autocast. Anything else keeps peft's
 forward.
 """
 
@@ -64,6 +64,8 @@ def _fusable(layer) -> bool:
     a, b = layer.lora_A[name], layer.lora_B[name]
     if a.bias is not None or b.bias is not None:
         return False
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False  # FusedLoRA gives W and b no gradient (peft's bias="all" trains b)
     return len({base.weight.dtype, a.weight.dtype, b.weight.dtype}) == 1
 
 
