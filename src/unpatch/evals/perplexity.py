@@ -15,6 +15,7 @@ import torch
 from ..errors import UnpatchError
 from ..modes import evaluating
 from . import register_metric
+from .head import kept_logprobs, plain_head
 
 WIKITEXT2 = "hub:Salesforce/wikitext:wikitext-2-raw-v1@test"
 DEFAULT_MAX_LENGTH = 1024  # GPT-2's context, the guide's setting (with stride 512)
@@ -109,6 +110,7 @@ def _score_windows(model, ids: torch.Tensor, wins, batch_size: int, progress: bo
     total, count = 0.0, 0
     try:
         with torch.inference_mode(), evaluating(model):
+            head = plain_head(model)  # then the head runs in vocabulary blocks on the targets' positions only
             i = 0
             while i < len(wins):
                 shape = _shape(wins[i])  # (window length, targets)
@@ -118,13 +120,18 @@ def _score_windows(model, ids: torch.Tensor, wins, batch_size: int, progress: bo
                 group = wins[i:j]
                 length, n_tgt = shape
                 inp = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-                keep = n_tgt + 1 if can_trim and n_tgt < length else 0  # logits for the last n_tgt + 1 positions
-                kwargs = {"logits_to_keep": keep} if keep else {}
-                logits = model(input_ids=inp, **kwargs).logits[:, -(n_tgt + 1): -1]  # predictions of the targets
                 tgt = inp[:, length - n_tgt:]
-                lse = torch.logsumexp(logits.float(), dim=-1)
-                picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float()
-                token_nll = (lse - picked).double()
+                if head is not None:
+                    at = torch.zeros(inp.shape, dtype=torch.bool, device=device)
+                    at[:, length - n_tgt - 1: length - 1] = True  # the positions that predict the targets
+                    token_nll = -kept_logprobs(model, head, at, tgt.flatten(), input_ids=inp).double().view(tgt.shape)
+                else:
+                    keep = n_tgt + 1 if can_trim and n_tgt < length else 0  # logits for the last n_tgt + 1 positions
+                    kwargs = {"logits_to_keep": keep} if keep else {}
+                    logits = model(input_ids=inp, **kwargs).logits[:, -(n_tgt + 1): -1]  # predictions of the targets
+                    lse = torch.logsumexp(logits.float(), dim=-1)
+                    picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float()
+                    token_nll = (lse - picked).double()
                 total += float(token_nll.sum())
                 if per_token is not None:
                     per_token.append(token_nll.cpu())

@@ -18,7 +18,8 @@ We compute the same numbers with less work:
     with a 4D mask so a position attends to its ancestors only, and position ids = depth
     ("tree attention"). On CrowS-Pairs this runs ~27 % fewer positions than one row per text;
   - the output head (and log_softmax) runs only on scored positions: pads and shared duplicates
-    never reach the [positions, vocab] matmul.
+    never reach the [positions, vocab] matmul, which runs in vocabulary blocks (`head.py`) so the
+    [positions, vocab] logits are never written.
 Results differ from lm-eval's only by float rounding (~1e-6 relative; other batch shapes).
 """
 
@@ -33,6 +34,7 @@ import torch
 from ..batches import pad_id
 from ..errors import UnpatchError
 from ..modes import evaluating
+from .head import plain_head, run_to_head, target_logprobs
 
 PROGRESS_MIN_TEXTS = 512  # show a progress bar only for runs long enough to be worth watching
 
@@ -84,15 +86,16 @@ def sentence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
     bar = _progress(len(seqs), progress)
     try:
         with torch.inference_mode(), evaluating(model):
+            head = plain_head(model)
             if share_prefixes:
                 try:
-                    return _score_packed(model, seqs, batch_size, pad, bar)
+                    return _score_packed(model, seqs, batch_size, pad, bar, head)
                 except (TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as e:  # a model that rejects 4D masks
                     warnings.warn(f"prefix sharing failed for {type(model).__name__} ({e}); scoring without it", stacklevel=2)
                     if bar is not None:
                         bar.stop()
                         bar = _progress(len(seqs), True)
-            return _score_plain(model, seqs, batch_size, pad, bar)
+            return _score_plain(model, seqs, batch_size, pad, bar, head)
     finally:
         if bar is not None:
             bar.stop()
@@ -123,7 +126,7 @@ def _pick(flat: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> list[
     return torch.cat(out).tolist() if out else []
 
 
-def _score_plain(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar) -> list[float]:
+def _score_plain(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar, head=None) -> list[float]:
     """Length-sorted, right-padded batches of whole sequences (lm-eval's layout, without its waste)."""
     device = next(model.parameters()).device
     order = sorted((i for i, s in enumerate(seqs) if len(s) > 1), key=lambda i: (-len(seqs[i]), i))
@@ -141,9 +144,14 @@ def _score_plain(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar
             cols += range(n)
             tgts += seqs[i][1:]
         # no attention mask: with right padding and causal attention no real token sees a pad
-        logits = model(input_ids=inp.to(device), use_cache=False).logits
-        flat_idx = torch.tensor(rows, device=device) * width + torch.tensor(cols, device=device)
-        lp = _pick(logits.flatten(0, 1), flat_idx, torch.tensor(tgts, device=device))
+        if head is not None:  # hidden states of the real positions, row by row = the order of tgts
+            real = torch.arange(width)[None, :] < torch.tensor([len(seqs[i]) - 1 for i in idx])[:, None]
+            hidden = run_to_head(model, head, real.to(device), input_ids=inp.to(device), use_cache=False)
+            lp = target_logprobs(hidden, head, torch.arange(len(tgts)), torch.tensor(tgts)).tolist()
+        else:
+            logits = model(input_ids=inp.to(device), use_cache=False).logits
+            flat_idx = torch.tensor(rows, device=device) * width + torch.tensor(cols, device=device)
+            lp = _pick(logits.flatten(0, 1), flat_idx, torch.tensor(tgts, device=device))
         pos = 0
         for i in idx:
             n = len(seqs[i]) - 1
@@ -156,7 +164,8 @@ def _score_plain(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar
 PACK_WIDTH = 128  # positions per packed row: attention within a row costs O(width^2)
 # A forward pass of packed rows runs at least this many positions: on CPU the projections' GEMMs
 # (M = positions) and the output head run ~15 % faster at M ~1000 than at M ~250 (measured on
-# SmolLM2-135M, 2 threads); the cost is memory, about MIN_POSITIONS x vocab floats of logits.
+# SmolLM2-135M, 2 threads); 2,048 or 4,096 gained nothing. The cost is memory: activations, and
+# MIN_POSITIONS x vocab floats of logits for a model whose head is not plain (head.plain_head).
 MIN_POSITIONS = 1024
 
 
@@ -201,7 +210,7 @@ class _Row:
         return seen
 
 
-def _score_packed(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar) -> list[float]:
+def _score_packed(model, seqs: list[list[int]], batch_size: int, pad_id: int, bar, head=None) -> list[float]:
     """Prefix-tree packing: consecutive texts (in lexicographic order) share a row, each distinct
     prefix appears once per row, and a 4D attention mask lets every position see only its own
     ancestors, with position ids = depth. Logits are computed only for positions that are scored."""
@@ -223,10 +232,9 @@ def _score_packed(model, seqs: list[list[int]], batch_size: int, pad_id: int, ba
     by_len = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
     lps: list[list[float]] = [[] for _ in rows]
     total = sum(len(r.tokens) for r in rows)
-    eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
     for start in range(0, len(by_len), per_chunk):
         chunk = by_len[start: start + per_chunk]
-        for r, lp in zip(chunk, _run_packed(model, [rows[r] for r in chunk], [wanted[r] for r in chunk], pad_id, device, eager), strict=True):
+        for r, lp in zip(chunk, _run_packed(model, [rows[r] for r in chunk], [wanted[r] for r in chunk], pad_id, device, head), strict=True):
             lps[r] = lp
         _advance(bar, sum(len(rows[r].tokens) for r in chunk), total)
     out = [0.0] * len(seqs)
@@ -235,7 +243,7 @@ def _score_packed(model, seqs: list[list[int]], batch_size: int, pad_id: int, ba
     return out
 
 
-def _run_packed(model, rows: list[_Row], wanted: list[dict], pad_id: int, device, eager: bool) -> list[list[float]]:
+def _run_packed(model, rows: list[_Row], wanted: list[dict], pad_id: int, device, head=None) -> list[list[float]]:
     """One forward pass over packed rows; per row, the log-probs of its wanted (node, target)s."""
     width = max(len(r.tokens) for r in rows)
     inp = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -244,33 +252,42 @@ def _run_packed(model, rows: list[_Row], wanted: list[dict], pad_id: int, device
         inp[b, : len(row.tokens)] = torch.tensor(row.tokens)
         pos[b, : len(row.tokens)] = torch.tensor(row.depth)
     seen = torch.stack([row.visible(width) for row in rows])[:, None].to(device)  # [rows, 1, width, width]
-    if eager:  # eager attention adds its mask to the scores
-        seen = torch.zeros(seen.shape, dtype=model.dtype, device=device).masked_fill_(~seen, torch.finfo(model.dtype).min)
+    # additive: eager attention adds its mask to the scores, and sdpa's CPU kernel runs ~15 % faster
+    # on a float mask than on a bool one ([8, 9, 128, 64] queries: 1.70 vs 1.98 ms)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    seen = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
     keep = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, w in enumerate(wanted):
         keep[b, [node for node, _ in w]] = True
     keep = keep.to(device)
-    head = model.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _m, args: (args[0][keep], *args[1:])) if head is not None else None
-    try:  # the output head runs on scored positions only: [scored, hidden] -> [scored, vocab]
-        logits = model(input_ids=inp.to(device), attention_mask=seen, position_ids=pos.to(device), use_cache=False).logits
-    finally:
-        if hook is not None:
-            hook.remove()
-    n_kept = int(keep.sum())
-    if logits.dim() == 2 and logits.shape[0] == n_kept:
-        rank = torch.cumsum(keep.flatten(), 0) - 1  # flat position -> row of `logits`
-        flat = logits
-    else:  # a model that reshapes its logits: fall back to the full [rows, width, vocab]
-        rank, flat = torch.arange(keep.numel(), device=device), logits.flatten(0, 1)
     idx, tgt = [], []
     for b, w in enumerate(wanted):
         for node, t in w:  # dicts keep insertion order = pick numbers
             idx.append(b * width + node)
             tgt.append(t)
-    lp = _pick(flat, rank[torch.tensor(idx, device=device)], torch.tensor(tgt, device=device))
+    idx, tgt = torch.tensor(idx, device=device), torch.tensor(tgt, device=device)
+    rank = torch.cumsum(keep.flatten(), 0) - 1  # flat position -> row among the scored positions
+    inputs = {"input_ids": inp.to(device), "attention_mask": seen, "position_ids": pos.to(device), "use_cache": False}
+    if head is not None:  # the head runs in vocabulary blocks on the scored positions' hidden states
+        lp = target_logprobs(run_to_head(model, head, keep, **inputs), head, rank[idx], tgt).tolist()
+    else:
+        lp = _logprobs_via_logits(model, keep, rank, idx, tgt, inputs)
     out, at = [], 0
     for w in wanted:
         out.append(lp[at: at + len(w)])
         at += len(w)
     return out
+
+
+def _logprobs_via_logits(model, keep: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor, tgt: torch.Tensor, inputs: dict) -> list[float]:
+    """_run_packed's log-probs for a model whose logits are not plainly its head's output."""
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _m, args: (args[0][keep], *args[1:])) if head is not None else None
+    try:  # the output head runs on scored positions only: [scored, hidden] -> [scored, vocab]
+        logits = model(**inputs).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):  # a model that reshapes its logits: the full [rows, width, vocab]
+        rank, logits = torch.arange(keep.numel(), device=keep.device), logits.flatten(0, 1)
+    return _pick(logits, rank[idx], tgt)
