@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -106,8 +107,11 @@ def main() -> None:
         csv_path = tmp / "crows_pairs_anonymized.csv"
         write_subset(Path(args.data), csv_path, args.limit)
         task = lm_eval_task(tmp, csv_path)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         theirs, theirs_dec, theirs_s, theirs_cpu = run_lm_eval(model, tok, tmp, task, theirs_bs)
+        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ours, ours_dec, ours_s, ours_cpu = run_unpatch(model, tok, csv_path, ours_bs)
+        f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     lines = {
         "pairs": ours["pairs"],
         "crows_overall_unpatch": round(ours["pct_stereotype"], 2),
@@ -124,6 +128,8 @@ def main() -> None:
         "unpatch_cpu_seconds": round(ours_cpu, 2),
         "lm_eval_cpu_seconds": round(theirs_cpu, 2),
         "eval_cpu_speedup_vs_lm_eval": round(theirs_cpu / ours_cpu, 2),
+        "unpatch_minor_page_faults": f2 - f1,  # memory given back to the kernel and faulted in again
+        "lm_eval_minor_page_faults": f1 - f0,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
