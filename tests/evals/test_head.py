@@ -70,16 +70,23 @@ def test_plain_head_found_only_where_logits_are_the_heads_output():
         [by_hand(granite, tok, s) for s in SENTENCES], abs=1e-5)
 
 
-def test_scoring_never_runs_the_full_head():
+def test_scoring_never_runs_the_full_head(monkeypatch):
     """With a plain head the head module runs once (the 3-token probe), never on the batches."""
     model, tok = tiny_model("llama"), char_tokenizer()
-    lin, calls = model.get_output_embeddings(), []
-    plain = lin.forward
-    lin.forward = lambda x: (calls.append(tuple(x.shape)), plain(x))[1]  # an instance attribute, not a hook
+    lin, calls, linear = model.get_output_embeddings(), [], torch.nn.Linear.forward
+
+    def counted(self, x):  # on the class: a hook or a forward set on the head itself makes it not plain
+        if self is lin:
+            calls.append(tuple(x.shape))
+        return linear(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
     got = scoring.sentence_logprobs(model, tok, SENTENCES, batch_size=2)
     assert calls == [(1, 3, 32)]
-    del lin.forward
+    monkeypatch.undo()
     assert got == pytest.approx([by_hand(model, tok, s) for s in SENTENCES], abs=1e-5)
+    lin.forward = lambda x: linear(lin, x) * 2  # a re-wired head whose output the probe would still match
+    assert head.plain_head(model) is None
 
 
 def test_blocked_and_full_logits_paths_agree(monkeypatch, tmp_path):

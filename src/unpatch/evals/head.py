@@ -38,8 +38,9 @@ def plain_head(model) -> torch.nn.Linear | None:
     output bit for bit: a logit scale, a soft cap or a reshape after the head fails the check.
     Needs the model in eval mode (as the scorers run it), so dropout draws nothing."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.weight.device.type == "meta" or head._forward_hooks or head._forward_pre_hooks:
-        return None  # offloaded (accelerate) or hooked heads, and any other module, keep the usual path
+    if (type(head) is not torch.nn.Linear or head.weight.device.type == "meta" or head._forward_hooks
+            or head._forward_pre_hooks or "forward" in vars(head) or hasattr(head, "_hf_hook")):
+        return None  # offloaded, hooked or re-wired heads (accelerate), and any other module, keep the usual path
     seen = []
     hook = head.register_forward_hook(lambda _m, _a, out: seen.append(out))
     try:
