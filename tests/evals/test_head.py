@@ -112,3 +112,21 @@ def test_blocked_and_full_logits_paths_agree(monkeypatch, tmp_path):
     assert blocked[0] == pytest.approx(full[0], rel=1e-6)
     assert blocked[1] == pytest.approx(full[1], rel=1e-6)
     assert blocked[2] == pytest.approx(full[2], abs=1e-5)
+
+
+def test_plain_head_accepts_logits_upcast_to_float32():
+    """Many models return float32 logits from a bf16 head: exact, so the blocked head still applies."""
+    from transformers import LlamaForCausalLM
+
+    class Upcast(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits.float()
+            return out
+
+    torch.manual_seed(0)
+    model = Upcast(tiny_model("llama").config).to(torch.bfloat16).eval()
+    assert head.plain_head(model) is model.get_output_embeddings()
+    tok = char_tokenizer()
+    got = scoring.sentence_logprobs(model, tok, SENTENCES, batch_size=3)
+    assert got == pytest.approx([by_hand(model, tok, s) for s in SENTENCES], abs=0.05)  # bf16 rounding of other shapes

@@ -35,7 +35,8 @@ def plain_head(model) -> torch.nn.Linear | None:
     """The model's output head if its logits are exactly `head(last hidden state)`, else None.
 
     Checked by running the model on a 3-token probe and comparing its logits with the head's own
-    output bit for bit: a logit scale, a soft cap or a reshape after the head fails the check.
+    output bit for bit (logits upcast to float32 included: target_logprobs reduces in float32
+    anyway); a logit scale, a soft cap or a reshape after the head fails the check.
     Needs the model in eval mode (as the scorers run it), so dropout draws nothing."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if (type(head) is not torch.nn.Linear or head.weight.device.type == "meta" or head._forward_hooks
@@ -50,7 +51,9 @@ def plain_head(model) -> torch.nn.Linear | None:
         return None
     finally:
         hook.remove()
-    return head if len(seen) == 1 and logits.dtype == seen[0].dtype and torch.equal(logits, seen[0]) else None
+    if len(seen) != 1 or logits.dtype not in (seen[0].dtype, torch.float32):
+        return None
+    return head if torch.equal(logits, seen[0].to(logits.dtype)) else None  # an upcast to float32 is exact
 
 
 @contextlib.contextmanager

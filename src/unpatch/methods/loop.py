@@ -35,7 +35,6 @@ from ..atomic import atomic_dir
 from ..batches import Batches
 from ..distributed import activation_bytes_per_token, choose_chunks, engine, schedule, splittable, take
 from ..errors import UnpatchError
-from ..heap import steady_heap
 from ..recipe import TrainSection
 from .lora_fast import fused_lora
 
@@ -122,7 +121,7 @@ def train_loop(model, loss_fn: LossFn, batches, train: TrainSection, *, ckpt_dir
     model.train()
     stopped = None
     fused = fused_lora(model) if not eng.sharded else contextlib.nullcontext()  # FSDP / ZeRO-3 own the parameters
-    with fused, steady_heap(), progress.task(desc, train.steps, unit="steps", completed=start, enabled=eng.main) as bar:
+    with fused, progress.task(desc, train.steps, unit="steps", completed=start, enabled=eng.main) as bar:
         for step in range(start, train.steps):
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
