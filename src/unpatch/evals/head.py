@@ -19,6 +19,8 @@ import contextlib
 
 import torch
 
+from ..cpu_linear import linear, onednn_enabled
+
 VOCAB_BLOCK = 2048  # logits columns per block: 1,024 rows x 2,048 x 4 B = 8 MB, cache-resident
 ROW_BLOCK = 1024  # rows per block: enough for the head GEMM to run at full speed
 
@@ -88,11 +90,13 @@ def target_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, rows: torch.Ten
     """float32 log_softmax(head(hidden[rows[i]]))[targets[i]] for every i, the head run in blocks.
 
     hidden [n, d] in the head's dtype; rows, targets [k] long. Logits are computed in the head's
-    dtype (as the model would) and reduced in float32."""
+    dtype (as the model would; float32 on the CPU through oneDNN, see cpu_linear) and reduced in
+    float32."""
     hidden = hidden.to(head.weight.device)
     rows, targets = rows.to(hidden.device), targets.to(hidden.device)
     weight, bias = head.weight, head.bias
     vocab = weight.shape[0]
+    onednn = onednn_enabled()
     lse = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     picked = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
     by_target = torch.argsort(targets)  # wanted pairs grouped by vocabulary block
@@ -101,15 +105,10 @@ def target_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, rows: torch.Ten
     for r0 in range(0, len(hidden), ROW_BLOCK):
         h = hidden[r0: r0 + ROW_BLOCK]
         mine = (rows >= r0) & (rows < r0 + len(h))
-        buf = torch.empty((len(h), VOCAB_BLOCK), dtype=weight.dtype, device=h.device)
         parts = []
         for b, v0 in enumerate(range(0, vocab, VOCAB_BLOCK)):
             w = weight[v0: v0 + VOCAB_BLOCK]
-            z = buf[:, : len(w)]
-            if bias is None:
-                torch.mm(h, w.t(), out=z)
-            else:
-                torch.addmm(bias[v0: v0 + len(w)], h, w.t(), out=z)
+            z = linear(h, w, None if bias is None else bias[v0: v0 + len(w)], onednn=onednn)
             sel = by_target[edges[b]: edges[b + 1]]
             sel = sel[mine[sel]]
             if len(sel):  # this block's target logits, read before z is overwritten below

@@ -55,7 +55,8 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.T
 def reference_logprobs(model, forget: Batches) -> torch.Tensor:
     """log pi_ref of every forget sequence, in fixed batches of the stream's size (delta kind)."""
     out, n = [], forget.batch_size
-    with evaluating(model):
+    # MKL linears, as the training forwards use, so a cached reference equals one recomputed per step
+    with evaluating(model, onednn=False):
         for k in range(0, len(forget.seqs), n):
             out.append(sequence_logprobs(model, collate(forget.seqs[k: k + n], forget.pad_id))[0].cpu())
     return torch.cat(out)
