@@ -7,7 +7,9 @@ Both run in float32 on the CPU on the *same* loaded model (load time excluded fr
 runs its own `crows_pairs_english` task (its YAML and utils.py, copied into a temp folder and
 pointed at a temp copy of the CSV), through `simple_evaluate` as a user would; its time includes
 its task setup. `--sweep` first times both tools on 150 pairs at batch sizes 8/16/32/64 and uses
-each one's fastest. Prints `name: value` lines.
+each one's fastest. unpatch runs its float32 linears through oneDNN where it can (cpu_linear.py);
+it runs a second time on MKL, the kernels lm-eval's eager HF model runs, so the gain from kernels
+and the gain from doing less work are printed apart. Prints `name: value` lines.
 """
 
 from __future__ import annotations
@@ -90,9 +92,21 @@ def sweep(model, tok, tmp: Path) -> tuple[int, int]:
     return min(ours, key=ours.get), min(theirs, key=theirs.get)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), since GEMM kernels and so the ratios depend on it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    names = re.findall(r"^model name\s*:\s*(.+)$", text, re.M)
+    family = re.findall(r"^cpu family\s*:\s*(\d+)$", text, re.M)
+    return f"{names[0].strip()} (family {family[0]})" if names and family else (names[0].strip() if names else "unknown")
+
+
 def main() -> None:
     import logging
 
+    from unpatch import cpu_linear
     from unpatch.model import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -112,6 +126,10 @@ def main() -> None:
         f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ours, ours_dec, ours_s, ours_cpu = run_unpatch(model, tok, csv_path, ours_bs)
         f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        onednn = cpu_linear.onednn_enabled()
+        os.environ["UNPATCH_ONEDNN"] = "0"  # and once more on the GEMM kernels lm-eval runs (MKL)
+        _, mkl_dec, mkl_s, _ = run_unpatch(model, tok, csv_path, ours_bs)
+        del os.environ["UNPATCH_ONEDNN"]
     lines = {
         "pairs": ours["pairs"],
         "crows_overall_unpatch": round(ours["pct_stereotype"], 2),
@@ -125,11 +143,16 @@ def main() -> None:
         "unpatch_seconds": round(ours_s, 2),
         "lm_eval_seconds": round(theirs_s, 2),
         "eval_speedup_vs_lm_eval": round(theirs_s / ours_s, 2),
+        "unpatch_linear_kernels": "oneDNN" if onednn else "MKL",
+        "unpatch_seconds_on_lm_eval_kernels": round(mkl_s, 2),
+        "eval_speedup_vs_lm_eval_on_its_kernels": round(theirs_s / mkl_s, 2),
+        "pair_decisions_differing_on_its_kernels": sum(a != b for a, b in zip(mkl_dec, theirs_dec, strict=True)),
         "unpatch_cpu_seconds": round(ours_cpu, 2),
         "lm_eval_cpu_seconds": round(theirs_cpu, 2),
         "eval_cpu_speedup_vs_lm_eval": round(theirs_cpu / ours_cpu, 2),
         "unpatch_minor_page_faults": f2 - f1,  # memory given back to the kernel and faulted in again
         "lm_eval_minor_page_faults": f1 - f0,
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }

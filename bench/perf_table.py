@@ -33,7 +33,11 @@ ROWS = [
 ]
 CONTEXT = {"revert_bit_exact": "revert bit-exact", "pair_decisions_differing": "CrowS pair decisions differing from lm-eval",
            "lora_merge_max_abs_diff_vs_peft": "LoRA merge max |diff| vs peft",
-           "apply_out_max_abs_diff_vs_mergekit": "apply --out max |diff| vs mergekit"}
+           "apply_out_max_abs_diff_vs_mergekit": "apply --out max |diff| vs mergekit",
+           "unpatch_linear_kernels": "unpatch's float32 linear kernels in eval",
+           "eval_speedup_vs_lm_eval_on_its_kernels": "CrowS speed-up with unpatch on lm-eval's kernels (MKL)",
+           "pair_decisions_differing_on_its_kernels": "decisions differing on them",
+           "cpu": "CPU"}
 
 
 def parse(path: Path) -> dict[str, tuple[str, str]]:
@@ -47,7 +51,7 @@ def parse(path: Path) -> dict[str, tuple[str, str]]:
             for k in pending:
                 values[k] = (values[k][0], load)
             pending = []
-        elif m := re.match(r"^([a-z0-9_]+): (\S+)$", line.strip()):
+        elif m := re.match(r"^([a-z0-9_]+): (\S.*)$", line.strip()):
             values[m[1]] = (m[2], load)
             pending.append(m[1])
     return values
